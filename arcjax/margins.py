@@ -1,0 +1,183 @@
+"""The combined angular margin `cos(m1·θ + m2) − m3` and the paper's presets.
+
+Pure functions on cos θ. Angles are in radians. The margin touches the target
+column only: arccos and cos run on the `B` target values (gather, modify,
+scatter), never on the whole `B×C` matrix.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Gradient = Literal["exact", "straight_through"]
+GRADIENTS = ("exact", "straight_through")
+
+# cos θ is clipped to [-1 + _EPS, 1 - _EPS] before arccos: d arccos(c)/dc is
+# infinite at |c| = 1, and so is d cos(m1·arccos(c) + m2)/dc when m2 > 0.
+_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class MarginSpec:
+  """A row of the paper's Table 2: scale `s` and margins of cos(m1·θ + m2) − m3.
+
+  `normalize=False` with `bias=True` is the plain softmax (a linear layer with
+  bias on unnormalised features); every other preset normalises features and
+  centres and uses no bias.
+  """
+  s: float = 64.0
+  m1: float = 1.0
+  m2: float = 0.0
+  m3: float = 0.0
+  normalize: bool = True
+  bias: bool = False
+
+
+PRESETS: dict[str, MarginSpec] = {
+    "softmax": MarginSpec(s=1.0, normalize=False, bias=True),
+    "norm_softmax": MarginSpec(),
+    "sphereface": MarginSpec(m1=1.35),
+    "cosface": MarginSpec(m3=0.35),
+    "arcface": MarginSpec(m2=0.5),
+    "arcface_0.4": MarginSpec(m2=0.4),
+    "arcface_0.45": MarginSpec(m2=0.45),
+    "arcface_0.55": MarginSpec(m2=0.55),
+    "cm1": MarginSpec(m1=1.0, m2=0.3, m3=0.2),
+    "cm2": MarginSpec(m1=0.9, m2=0.4, m3=0.15),
+}
+
+
+def get_preset(name: str) -> MarginSpec:
+  """The named row of the paper's Table 2 (see `PRESETS`)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown margin preset {name!r}; known: {', '.join(PRESETS)}")
+  return PRESETS[name]
+
+
+def validate_margin(s: float, m1: float, m2: float, m3: float,
+                    gradient: str = "exact") -> None:
+  """Raises ValueError naming the first out-of-range value."""
+  if not s > 0:
+    raise ValueError(f"scale s must be > 0, got s={s}")
+  if not m1 > 0:
+    raise ValueError(f"multiplicative margin m1 must be > 0, got m1={m1}")
+  if not 0 <= m2 < math.pi:
+    raise ValueError(f"additive angular margin m2 must be in [0, pi), got m2={m2}")
+  if not m3 >= 0:
+    raise ValueError(f"additive cosine margin m3 must be >= 0, got m3={m3}")
+  if gradient not in GRADIENTS:
+    raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+
+
+def target_logit(theta: jax.Array, m1: float = 1.0, m2: float = 0.0,
+                 m3: float = 0.0) -> jax.Array:
+  """The margin target logit ψ(θ) before scaling, θ in radians, any shape.
+
+  With φ = m1·θ + m2 and k = ⌊φ / π⌋:
+
+      ψ(θ) = (−1)^k · cos φ − 2k − m3
+
+  For φ ≤ π (k = 0) this is cos(m1·θ + m2) − m3 exactly. Past φ = π, where
+  cos φ would rise again, it continues with SphereFace's monotone extension
+  (Liu et al. 2017, ψ(θ) = (−1)^k cos(mθ) − 2k, here with a real m1 and an
+  offset m2): continuous, and strictly decreasing in θ over the whole of
+  [0, π] for every m1 > 0, m2 ∈ [0, π), m3 ≥ 0. pytorch-metric-learning and
+  arcface-pytorch instead switch to cos θ − m·sin m past θ = π − m, which is
+  monotone but jumps at the switch.
+  """
+  phi = m1 * theta + m2
+  k = jnp.floor(phi / jnp.pi)
+  sign = 1.0 - 2.0 * jnp.mod(k, 2.0)
+  return sign * jnp.cos(phi) - 2.0 * k - m3
+
+
+def check_labels(labels, num_classes: int) -> None:
+  """Raises ValueError if a concrete label lies outside [0, num_classes).
+
+  Under `jit` labels are tracers and cannot be checked here; the input
+  pipeline checks every batch on the host instead.
+  """
+  if isinstance(labels, jax.core.Tracer):
+    return
+  labels = np.asarray(labels)
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(
+        f"label {int(labels[i])} at index {i} is outside [0, {num_classes}) "
+        f"({bad.size} labels out of range)")
+
+
+def combined_margin(cos_theta: jax.Array, labels: jax.Array, m1: float = 1.0,
+                    m2: float = 0.0, m3: float = 0.0, *,
+                    gradient: Gradient = "exact") -> jax.Array:
+  """Applies cos(m1·θ + m2) − m3 to each row's target column.
+
+  Args:
+    cos_theta: (B, C) cosines between normalised features and centres, any
+      float dtype; computed in float32.
+    labels: (B,) int in [0, C). Checked eagerly when concrete (see
+      `check_labels`).
+    m1, m2, m3: the margins; m2 in radians.
+    gradient: 'exact' differentiates through arccos and cos (the paper's);
+      'straight_through' changes the forward value only, with the backward of
+      the plain cos θ, as insightface's arcface_torch does.
+
+  Returns:
+    (B, C) float32: the target column of row i is `target_logit(θ_i)` with
+    θ_i = arccos(cos_theta[i, labels[i]]); all other columns are unchanged.
+  """
+  validate_margin(1.0, m1, m2, m3, gradient)
+  if cos_theta.ndim != 2 or labels.shape != cos_theta.shape[:1]:
+    raise ValueError(f"expected cos_theta (B, C) and labels (B,), got "
+                     f"{cos_theta.shape} and {labels.shape}")
+  check_labels(labels, cos_theta.shape[1])
+  cos_theta = cos_theta.astype(jnp.float32)
+  if (m1, m2, m3) == (1.0, 0.0, 0.0):
+    return cos_theta
+  return _replace_target(cos_theta, labels, float(m1), float(m2), float(m3),
+                         gradient == "straight_through")
+
+
+def _margin_of_cosine(cos_y: jax.Array, m1: float, m2: float,
+                      m3: float) -> jax.Array:
+  """ψ(arccos(cos_y)), elementwise."""
+  theta = jnp.arccos(jnp.clip(cos_y, -1.0 + _EPS, 1.0 - _EPS))
+  return target_logit(theta, m1, m2, m3)
+
+
+def _is_target(labels: jax.Array, num_classes: int) -> jax.Array:
+  return jnp.arange(num_classes)[None, :] == labels[:, None]
+
+
+# A custom VJP keeps the backward one fused elementwise pass over (B, C),
+#   d cos_theta = where(target, g · ψ'(cos_y), g),
+# where autodiff of gather + select would add two more passes and a scatter.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _replace_target(cos_theta, labels, m1, m2, m3, straight_through):
+  return _replace_target_fwd(cos_theta, labels, m1, m2, m3, straight_through)[0]
+
+
+def _replace_target_fwd(cos_theta, labels, m1, m2, m3, straight_through):
+  cos_y = cos_theta[jnp.arange(labels.shape[0]), labels]
+  margin_fn = functools.partial(_margin_of_cosine, m1=m1, m2=m2, m3=m3)
+  if straight_through:
+    logit_y, slope = margin_fn(cos_y), jnp.ones_like(cos_y)
+  else:
+    logit_y, slope = jax.jvp(margin_fn, (cos_y,), (jnp.ones_like(cos_y),))
+  out = jnp.where(_is_target(labels, cos_theta.shape[1]), logit_y[:, None], cos_theta)
+  return out, (labels, slope)
+
+
+def _replace_target_bwd(m1, m2, m3, straight_through, residuals, g):
+  del m1, m2, m3, straight_through
+  labels, slope = residuals
+  return jnp.where(_is_target(labels, g.shape[1]), g * slope[:, None], g), None
+
+
+_replace_target.defvjp(_replace_target_fwd, _replace_target_bwd)
