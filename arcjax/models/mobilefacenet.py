@@ -1,0 +1,94 @@
+"""MobileFaceNet (Chen et al., 2018), the architecture of the paper's Table 1.
+
+A 3×3 stride-2 stem, a depthwise 3×3, MobileNetV2 bottlenecks (1×1 expand,
+depthwise 3×3, linear 1×1 project; PReLU, residual where the shape is kept),
+a 1×1 conv to 512, then the global depthwise conv (GDConv) whose kernel covers
+the whole last feature map (7×7 for 112×112 faces) instead of global average
+pooling, and a linear FC-BN to the embedding (the paper's linear 1×1 conv to 128-d).
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from arcjax.models.iresnet import CONV_INIT, BatchNorm, PReLU, check_images
+
+# The paper's Table 1 bottlenecks: (expansion t, output channels c, repeats n, first stride s).
+_BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
+
+
+class _ConvBN(nn.Module):
+  """Conv (no bias) + BN, then PReLU unless `linear`. x: (B, H, W, C) → (B, H', W', features).
+
+  `padding` is symmetric, as PyTorch's: 1 for 3×3 kernels, 0 for 1×1 and GDConv.
+  """
+  features: int
+  kernel: tuple[int, int]
+  dtype: Any
+  stride: int = 1
+  padding: int = 0
+  groups: int = 1
+  linear: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=self.padding,
+                feature_group_count=self.groups, use_bias=False, kernel_init=CONV_INIT,
+                dtype=self.dtype, name="conv")(x)
+    x = BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn")(x)
+    return x if self.linear else PReLU(name="prelu")(x)
+
+
+class _Bottleneck(nn.Module):
+  """MobileNetV2 inverted residual, with PReLU.
+
+  x: (B, H, W, C) → (B, ceil(H/stride), ceil(W/stride), features).
+  """
+  expansion: int
+  features: int
+  stride: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    hidden = x.shape[-1] * self.expansion
+    unit = functools.partial(_ConvBN, dtype=self.dtype)
+    y = unit(hidden, (1, 1), name="expand")(x, train)
+    y = unit(hidden, (3, 3), stride=self.stride, padding=1, groups=hidden,
+             name="depthwise")(y, train)
+    y = unit(self.features, (1, 1), linear=True, name="project")(y, train)
+    return x + y if self.stride == 1 and x.shape[-1] == self.features else y
+
+
+class MobileFaceNet(nn.Module):
+  """MobileFaceNet: images (B, H, W, C) float, normalised → embeddings (B, embedding_dim) float32.
+
+  Four stride-2 layers (the stem and three bottleneck stages) take 112×112 to 7×7;
+  the GDConv kernel is the last feature map's size, so any input size works. The
+  paper uses embedding_dim=128: 1.003 M parameters here (the paper says 0.99 M).
+  """
+  embedding_dim: int = 512
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    check_images(images)
+    unit = functools.partial(_ConvBN, dtype=self.dtype)
+    x = unit(64, (3, 3), stride=2, padding=1, name="stem")(images, train)
+    x = unit(64, (3, 3), padding=1, groups=64, name="stem_depthwise")(x, train)
+    for stage, (t, c, n, s) in enumerate(_BOTTLENECKS):
+      for block in range(n):
+        x = _Bottleneck(t, c, s if block == 0 else 1, dtype=self.dtype,
+                        name=f"stage{stage + 1}_block{block + 1}")(x, train)
+    x = unit(512, (1, 1), name="conv_sep")(x, train)
+    x = unit(512, x.shape[1:3], groups=512, linear=True, name="gdconv")(x, train)
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(self.embedding_dim, use_bias=False, dtype=self.dtype, name="fc")(x)
+    x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32,
+                  name="features")(x.astype(jnp.float32))
+    return x
