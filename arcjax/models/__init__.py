@@ -3,7 +3,8 @@
 Every model is called as `model.apply(variables, images, train=bool, rngs={'dropout': key},
 mutable=['batch_stats'] if train else False)`; batch statistics live in the
 'batch_stats' collection. Constructor kwargs: embedding_dim=512, dropout=0.0,
-dtype=jnp.float32 (compute dtype; parameters stay float32).
+dtype=jnp.float32 (compute dtype; parameters stay float32), bn_axis_name=None
+(a pmap axis over which BatchNorm averages its batch statistics).
 """
 
 import functools

@@ -52,10 +52,12 @@ class _IBasicBlock(nn.Module):
   features: int
   stride: int
   dtype: Any
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+    bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+                           axis_name=self.bn_axis_name)
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype)
     y = bn(name="bn1")(x)
     y = conv(self.features, (3, 3), padding=1, name="conv1")(y)
@@ -75,18 +77,21 @@ class IResNet(nn.Module):
   Each of the four stages halves H and W (ceil), so 112×112 ends at 7×7 and the FC
   has 512·7·7 inputs; other sizes give other FC widths. `dtype` is the compute
   dtype (bfloat16 for mixed precision); parameters stay float32 and the last BN
-  runs in float32.
+  runs in float32. `bn_axis_name` (pmap's device axis) synchronises the batch
+  statistics of every BatchNorm over the devices.
   """
   stage_sizes: Sequence[int]
   embedding_dim: int = 512
   dropout: float = 0.0
   dtype: Any = jnp.float32
   widths: Sequence[int] = (64, 128, 256, 512)
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     check_images(images)
-    bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+    bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+                           axis_name=self.bn_axis_name)
     x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False, kernel_init=CONV_INIT,
                 dtype=self.dtype, name="stem_conv")(images)
     x = bn(name="stem_bn")(x)
@@ -94,11 +99,11 @@ class IResNet(nn.Module):
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(num_blocks):
         x = _IBasicBlock(width, stride=2 if block == 0 else 1, dtype=self.dtype,
-                         name=f"stage{stage + 1}_block{block + 1}")(x, train)
+                         bn_axis_name=self.bn_axis_name, name=f"stage{stage + 1}_block{block + 1}")(x, train)
     x = bn(name="bn_out")(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.embedding_dim, dtype=self.dtype, name="fc")(x)
     x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32,
-                  name="features")(x.astype(jnp.float32))
+                  axis_name=self.bn_axis_name, name="features")(x.astype(jnp.float32))
     return x

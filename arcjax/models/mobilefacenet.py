@@ -32,13 +32,15 @@ class _ConvBN(nn.Module):
   padding: int = 0
   groups: int = 1
   linear: bool = False
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=self.padding,
                 feature_group_count=self.groups, use_bias=False, kernel_init=CONV_INIT,
                 dtype=self.dtype, name="conv")(x)
-    x = BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn")(x)
+    x = BatchNorm(use_running_average=not train, dtype=self.dtype, axis_name=self.bn_axis_name,
+                  name="bn")(x)
     return x if self.linear else PReLU(name="prelu")(x)
 
 
@@ -51,11 +53,12 @@ class _Bottleneck(nn.Module):
   features: int
   stride: int
   dtype: Any
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     hidden = x.shape[-1] * self.expansion
-    unit = functools.partial(_ConvBN, dtype=self.dtype)
+    unit = functools.partial(_ConvBN, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
     y = unit(hidden, (1, 1), name="expand")(x, train)
     y = unit(hidden, (3, 3), stride=self.stride, padding=1, groups=hidden,
              name="depthwise")(y, train)
@@ -73,22 +76,23 @@ class MobileFaceNet(nn.Module):
   embedding_dim: int = 512
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     check_images(images)
-    unit = functools.partial(_ConvBN, dtype=self.dtype)
+    unit = functools.partial(_ConvBN, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
     x = unit(64, (3, 3), stride=2, padding=1, name="stem")(images, train)
     x = unit(64, (3, 3), padding=1, groups=64, name="stem_depthwise")(x, train)
     for stage, (t, c, n, s) in enumerate(_BOTTLENECKS):
       for block in range(n):
         x = _Bottleneck(t, c, s if block == 0 else 1, dtype=self.dtype,
-                        name=f"stage{stage + 1}_block{block + 1}")(x, train)
+                        bn_axis_name=self.bn_axis_name, name=f"stage{stage + 1}_block{block + 1}")(x, train)
     x = unit(512, (1, 1), name="conv_sep")(x, train)
     x = unit(512, x.shape[1:3], groups=512, linear=True, name="gdconv")(x, train)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.embedding_dim, use_bias=False, dtype=self.dtype, name="fc")(x)
     x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32,
-                  name="features")(x.astype(jnp.float32))
+                  axis_name=self.bn_axis_name, name="features")(x.astype(jnp.float32))
     return x

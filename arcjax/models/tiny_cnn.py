@@ -26,11 +26,13 @@ class TinyCNN(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   widths: Sequence[int] = (16, 32, 64, 128)
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     check_images(images)
-    bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
+    bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
+                           axis_name=self.bn_axis_name)
     x = images
     for stage, width in enumerate(self.widths):
       x = nn.Conv(width, (3, 3), padding=1, use_bias=False, kernel_init=CONV_INIT,
@@ -43,5 +45,5 @@ class TinyCNN(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.embedding_dim, dtype=self.dtype, name="fc")(x)
     x = BatchNorm(use_running_average=not train, use_scale=False, dtype=jnp.float32,
-                  name="features")(x.astype(jnp.float32))
+                  axis_name=self.bn_axis_name, name="features")(x.astype(jnp.float32))
     return x

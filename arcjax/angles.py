@@ -1,0 +1,266 @@
+"""θ distributions and the ArcFace paper's angle statistics (its Table 5).
+
+Pure NumPy float64 functions of embeddings x (N, d), class centres W (C, d)
+and integer labels. Angles are radians in and out, except in names ending in
+`_deg`. Every vector is L2-normalised first, so only directions matter.
+
+The "embedding centre" of a class is the normalised mean of its normalised
+embeddings: the mean direction of the class, which unnormalised features
+(plain softmax) cannot pull toward their longest members.
+"""
+
+import numpy as np
+
+# Rows of an (rows, C) cosine matrix computed at once: bounds the float64
+# scratch of nearest-angle searches to 128 MiB for any number of classes.
+_CHUNK_ELEMENTS = 1 << 24
+# float32 arccos returns up to float32(π) > π; such angles are still in range.
+_ANGLE_TOLERANCE = 1e-6
+
+
+def _unit_rows(x, name: str) -> np.ndarray:
+  """(N, d) float64 rows of unit norm, or ValueError naming `name`."""
+  x = np.asarray(x)
+  if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+    raise ValueError(f"{name} must be a non-empty (N, d) array, got shape {x.shape}")
+  if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+    raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
+  x = x.astype(np.float64)
+  bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+  if bad.size:
+    raise ValueError(f"{name} has non-finite values in row {int(bad[0])} "
+                     f"({bad.size} rows in all)")
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  zero = np.flatnonzero(norms[:, 0] == 0)
+  if zero.size:
+    raise ValueError(f"{name} row {int(zero[0])} has zero norm and no direction")
+  return x / norms
+
+
+def _labels_for(labels, num_rows: int, name: str,
+                num_classes: int | None = None) -> np.ndarray:
+  """(N,) int64 labels matching `num_rows` (and in [0, num_classes) if given)."""
+  labels = np.asarray(labels)
+  if labels.shape != (num_rows,):
+    raise ValueError(f"{name} must have shape ({num_rows},) to match the embeddings, "
+                     f"got {labels.shape}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{name} must be integers, got dtype {labels.dtype}")
+  if num_classes is not None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+      i = int(bad[0])
+      raise ValueError(f"{name}[{i}] = {int(labels[i])} is outside [0, {num_classes}) "
+                       f"({bad.size} labels out of range)")
+  return labels.astype(np.int64)
+
+
+def _same_dim(x: np.ndarray, w: np.ndarray) -> None:
+  if x.shape[1] != w.shape[1]:
+    raise ValueError(f"embeddings have dimension {x.shape[1]} but centres have "
+                     f"{w.shape[1]}")
+
+
+def _angle(cos: np.ndarray) -> np.ndarray:
+  """arccos, with cosines that rounding pushed past ±1 clipped back."""
+  return np.arccos(np.clip(cos, -1.0, 1.0))
+
+
+def _class_centres(x_unit: np.ndarray,
+                   labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Embedding centres of the classes present.
+
+  Returns:
+    classes: (K,) the distinct labels, ascending; centres: (K, d) unit rows,
+    centres[k] the normalised mean of the unit embeddings labelled classes[k];
+    index: (N,) the row of `centres` of each embedding's class.
+    A class whose embeddings cancel out (zero mean) is a ValueError.
+  """
+  classes, inverse = np.unique(labels, return_inverse=True)
+  sums = np.zeros((len(classes), x_unit.shape[1]))
+  np.add.at(sums, inverse, x_unit)
+  norms = np.linalg.norm(sums, axis=1, keepdims=True)
+  zero = np.flatnonzero(norms[:, 0] < 1e-12)
+  if zero.size:
+    raise ValueError(f"class {int(classes[zero[0]])}'s embeddings sum to zero: its "
+                     f"centre has no direction")
+  return classes, sums / norms, inverse
+
+
+def _nearest_other_cos(a: np.ndarray, b: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+  """(N,) max over k ≠ exclude[i] of a[i]·b[k], for unit rows a (N, d), b (M, d), M ≥ 2."""
+  rows = max(1, _CHUNK_ELEMENTS // b.shape[0])
+  out = np.empty(a.shape[0])
+  for start in range(0, a.shape[0], rows):
+    cos = a[start:start + rows] @ b.T
+    cos[np.arange(cos.shape[0]), exclude[start:start + rows]] = -np.inf
+    out[start:start + rows] = cos.max(axis=1)
+  return out
+
+
+def target_angles(embeddings: np.ndarray, centres: np.ndarray,
+                  labels: np.ndarray) -> np.ndarray:
+  """θ_y: the angle between each embedding and its class's centre W_y.
+
+  Args:
+    embeddings: (N, d); centres: (C, d); labels: (N,) int in [0, C).
+
+  Returns:
+    (N,) float64 radians in [0, π].
+  """
+  x = _unit_rows(embeddings, "embeddings")
+  w = _unit_rows(centres, "centres")
+  _same_dim(x, w)
+  labels = _labels_for(labels, x.shape[0], "labels", w.shape[0])
+  return _angle(np.sum(x * w[labels], axis=1))
+
+
+def nearest_nontarget_angles(embeddings: np.ndarray, centres: np.ndarray,
+                             labels: np.ndarray) -> np.ndarray:
+  """min over j ≠ y of the angle between each embedding and centre W_j.
+
+  Args:
+    embeddings: (N, d); centres: (C, d) with C ≥ 2; labels: (N,) int in [0, C).
+
+  Returns:
+    (N,) float64 radians in [0, π].
+  """
+  x = _unit_rows(embeddings, "embeddings")
+  w = _unit_rows(centres, "centres")
+  _same_dim(x, w)
+  if w.shape[0] < 2:
+    raise ValueError(f"a non-target centre needs at least 2 centres, got {w.shape[0]}")
+  labels = _labels_for(labels, x.shape[0], "labels", w.shape[0])
+  return _angle(_nearest_other_cos(x, w, labels))
+
+
+def w_ec(embeddings: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> float:
+  """W-EC: mean over classes j present in `labels` of angle(W_j, centre_j).
+
+  centre_j is class j's embedding centre (module docstring). Classes without
+  samples have no centre and are left out of the mean.
+
+  Args:
+    embeddings: (N, d); labels: (N,) int in [0, C); centres: (C, d).
+
+  Returns:
+    Radians.
+  """
+  x = _unit_rows(embeddings, "embeddings")
+  w = _unit_rows(centres, "centres")
+  _same_dim(x, w)
+  labels = _labels_for(labels, x.shape[0], "labels", w.shape[0])
+  classes, class_centres, _ = _class_centres(x, labels)
+  return float(np.mean(_angle(np.sum(w[classes] * class_centres, axis=1))))
+
+
+def w_inter(centres: np.ndarray) -> float:
+  """W-Inter: mean over j of min over k ≠ j of angle(W_j, W_k).
+
+  Args:
+    centres: (C, d), C ≥ 2.
+
+  Returns:
+    Radians.
+  """
+  w = _unit_rows(centres, "centres")
+  if w.shape[0] < 2:
+    raise ValueError(f"W-Inter needs at least 2 centres, got {w.shape[0]}")
+  return float(np.mean(_angle(_nearest_other_cos(w, w, np.arange(w.shape[0])))))
+
+
+def intra(embeddings: np.ndarray, labels: np.ndarray) -> float:
+  """Intra: mean over embeddings of the angle to their class's embedding centre.
+
+  Intra1 on the training set, Intra2 on an evaluation set. A class with one
+  sample contributes an angle of 0.
+
+  Args:
+    embeddings: (N, d); labels: (N,) int identities (any values).
+
+  Returns:
+    Radians.
+  """
+  x = _unit_rows(embeddings, "embeddings")
+  labels = _labels_for(labels, x.shape[0], "labels")
+  _, class_centres, index = _class_centres(x, labels)
+  return float(np.mean(_angle(np.sum(x * class_centres[index], axis=1))))
+
+
+def inter(embeddings: np.ndarray, labels: np.ndarray) -> float:
+  """Inter: mean over classes of the min angle between their embedding centres.
+
+  Inter1 on the training set, Inter2 on an evaluation set.
+
+  Args:
+    embeddings: (N, d); labels: (N,) int identities (any values), ≥ 2 distinct.
+
+  Returns:
+    Radians.
+  """
+  x = _unit_rows(embeddings, "embeddings")
+  labels = _labels_for(labels, x.shape[0], "labels")
+  classes, class_centres, _ = _class_centres(x, labels)
+  if len(classes) < 2:
+    raise ValueError(f"Inter needs at least 2 classes, labels hold {len(classes)}")
+  nearest = _nearest_other_cos(class_centres, class_centres, np.arange(len(classes)))
+  return float(np.mean(_angle(nearest)))
+
+
+def angle_statistics(train_emb: np.ndarray, train_labels: np.ndarray,
+                     centres: np.ndarray, eval_emb: np.ndarray | None = None,
+                     eval_labels: np.ndarray | None = None) -> dict[str, float | None]:
+  """The paper's Table 5 statistics, in degrees.
+
+  Args:
+    train_emb: (N, d) embeddings of training images; train_labels: (N,) int
+      in [0, C), at least 2 classes.
+    centres: (C, d) the classifier's centres W.
+    eval_emb, eval_labels: (M, d) and (M,) an evaluation set (any identity
+      values, at least 2); both or neither.
+
+  Returns:
+    {'w_ec_deg', 'w_inter_deg', 'intra1_deg', 'inter1_deg', 'intra2_deg',
+    'inter2_deg'}: Python floats; the last two are None without an
+    evaluation set.
+  """
+  if (eval_emb is None) != (eval_labels is None):
+    raise ValueError("eval_emb and eval_labels must be given together")
+  has_eval = eval_emb is not None
+  return {
+      "w_ec_deg": float(np.degrees(w_ec(train_emb, train_labels, centres))),
+      "w_inter_deg": float(np.degrees(w_inter(centres))),
+      "intra1_deg": float(np.degrees(intra(train_emb, train_labels))),
+      "inter1_deg": float(np.degrees(inter(train_emb, train_labels))),
+      "intra2_deg": float(np.degrees(intra(eval_emb, eval_labels))) if has_eval else None,
+      "inter2_deg": float(np.degrees(inter(eval_emb, eval_labels))) if has_eval else None,
+  }
+
+
+def theta_histogram(theta: np.ndarray, *, bins: int = 90) -> tuple[np.ndarray, np.ndarray]:
+  """Histogram of angles over [0°, 180°] in equal bins.
+
+  Args:
+    theta: (N,) radians in [0, π] (up to 1e-6 rad of rounding, as float32
+      arccos gives, which is clipped into range).
+    bins: number of bins (90: 2° each).
+
+  Returns:
+    counts: (bins,) int64, the last bin closed on the right (θ = π counts);
+    edges_deg: (bins + 1,) float64 degrees, 0 … 180.
+  """
+  theta = np.asarray(theta)
+  if theta.ndim != 1:
+    raise ValueError(f"theta must be a (N,) array of radians, got shape {theta.shape}")
+  if not isinstance(bins, (int, np.integer)) or bins < 1:
+    raise ValueError(f"bins must be a positive integer, got {bins!r}")
+  theta = theta.astype(np.float64)
+  bad = np.flatnonzero(~np.isfinite(theta) | (theta < -_ANGLE_TOLERANCE)
+                       | (theta > np.pi + _ANGLE_TOLERANCE))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"theta[{i}] = {theta[i]} is not an angle in [0, pi] radians "
+                     f"({bad.size} such values)")
+  edges_deg = np.linspace(0.0, 180.0, bins + 1)
+  counts, _ = np.histogram(np.degrees(np.clip(theta, 0.0, np.pi)), bins=edges_deg)
+  return counts.astype(np.int64), edges_deg

@@ -1,0 +1,69 @@
+"""Trains and evaluates one run: a config plus a workdir.
+
+  python -m arcjax.main --config=configs/default.py --workdir=runs/default \
+      [--config.train.steps=2000 ...]
+
+`--config=FILE[:ARG]` names a config file whose `get_config(ARG)` builds the
+run; `--config.a.b=value` overrides a field. Unknown keys, values of the wrong
+type and out-of-range values stop here, before anything is compiled. The same
+command, run again, resumes from the workdir's latest checkpoint. A
+multi-host run passes --coordinator_address, --num_processes and --process_id
+(or sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or
+--distributed_auto on a TPU pod or SLURM.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from arcjax import parallel
+from arcjax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in [0, num_processes).")
+_AUTO = flags.DEFINE_bool("distributed_auto", False,
+                          "Let JAX detect the cluster (TPU pods, SLURM).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with an override of an unknown config key reported as a flag error."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    # ml_collections raises these (with a "Did you mean" hint) for --config.no.such.key.
+    while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(...))
+      error = error.args[0]
+    message = str(error.args[0] if error.args else error).replace("\n", "; ")
+    sys.exit(f"FATAL Flags parsing error: unknown config key {message}")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  try:
+    train.validate_config(config)
+  except ValueError as error:
+    sys.exit(f"bad config: {error}")
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  auto=_AUTO.value)
+  results = train.train_and_evaluate(config, _WORKDIR.value)
+  for name, scalars in results["eval"].items():
+    print(f"final {name}: verification accuracy {scalars['accuracy']:.4f} ± "
+          f"{scalars['accuracy_std']:.4f}, AUC {scalars['auc']:.4f}")
+  print(f"results: {_WORKDIR.value}/results.json")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)
