@@ -15,7 +15,9 @@ import ml_collections
 
 from arcjax import margins
 
-LossFn = Callable[[jax.Array, dict, jax.Array], tuple[jax.Array, dict]]
+# loss_fn(embeddings (B, d), head, labels (B,), key) -> (loss, aux); `key` is the step's
+# PRNG key (only Partial-FC sampling draws from it).
+LossFn = Callable[[jax.Array, dict, jax.Array, jax.Array | None], tuple[jax.Array, dict]]
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -153,7 +155,8 @@ def loss_config(preset: str = "arcface", **overrides) -> ml_collections.ConfigDi
   return config
 
 
-def make_loss_fn(config: ml_collections.ConfigDict | Any) -> LossFn:
+def make_loss_fn(config: ml_collections.ConfigDict | Any,
+                 margin_term: LossFn | None = None) -> LossFn:
   """The composite loss of a `config.loss`: any row of the paper's Table 2.
 
       softmax_weight · margin softmax + intra_weight · Intra
@@ -163,10 +166,15 @@ def make_loss_fn(config: ml_collections.ConfigDict | Any) -> LossFn:
   intra_weight, inter_weight, triplet_weight, triplet_margin. All values are
   validated here, before anything is compiled.
 
+  Args:
+    config: `config.loss`.
+    margin_term: computes the margin softmax term and aux['theta_y'] instead of
+      `margin_softmax_loss` (a chunked or class-sharded head: `heads.margin_term`).
+
   Returns:
     loss_fn(embeddings (B, d), head {'centres': (C, d)[, 'bias': (C,)]},
-    labels (B,)) -> (loss, aux) with aux['theta_y'] (B,) radians and one
-    aux['loss/<term>'] per active term (unweighted).
+    labels (B,), key=None) -> (loss, aux) with aux['theta_y'] (B,) radians
+    and one aux['loss/<term>'] per active term (unweighted).
   """
   margins.validate_margin(config.s, config.m1, config.m2, config.m3,
                           config.gradient)
@@ -180,12 +188,16 @@ def make_loss_fn(config: ml_collections.ConfigDict | Any) -> LossFn:
   if config.bias and config.normalize:
     raise ValueError("loss.bias=True needs loss.normalize=False (the plain softmax)")
 
-  def loss_fn(embeddings, head, labels):
-    centres = head["centres"]
-    softmax, aux = margin_softmax_loss(
-        embeddings, centres, labels, s=config.s, m1=config.m1, m2=config.m2,
+  def plain_margin_term(embeddings, head, labels, key):
+    del key
+    return margin_softmax_loss(
+        embeddings, head["centres"], labels, s=config.s, m1=config.m1, m2=config.m2,
         m3=config.m3, gradient=config.gradient, normalize=config.normalize,
         bias=head.get("bias"))
+
+  def loss_fn(embeddings, head, labels, key=None):
+    centres = head["centres"]
+    softmax, aux = (margin_term or plain_margin_term)(embeddings, head, labels, key)
     terms = {}
     if weights["softmax"]:
       terms["softmax"] = softmax

@@ -60,8 +60,10 @@ def main(argv: list[str]) -> None:
                                   auto=_AUTO.value)
   results = train.train_and_evaluate(config, _WORKDIR.value)
   for name, scalars in results["eval"].items():
+    pixels = results["pixel_baseline"][name]
     print(f"final {name}: verification accuracy {scalars['accuracy']:.4f} ± "
-          f"{scalars['accuracy_std']:.4f}, AUC {scalars['auc']:.4f}")
+          f"{scalars['accuracy_std']:.4f}, AUC {scalars['auc']:.4f} (raw pixels: accuracy "
+          f"{pixels['accuracy']:.4f}, AUC {pixels['auc']:.4f})")
   print(f"results: {_WORKDIR.value}/results.json")
 
 

@@ -12,9 +12,15 @@
     over the batch is over the global batch: the way to scale to TPU pods.
   - 'none': `jax.jit` on the first device.
 
+With `shard_head` ('mesh' only) the class centres, and their optimiser state,
+are split over `AXIS` (`config.head.sharded`: millions of identities): the step
+then runs per device under `jax.shard_map`, with axis name `AXIS` as under
+pmap, and the centres' gradients stay on their shard.
+
 Whatever the mode, `DataParallel.global_state` gives the state as global arrays
-replicated over the mesh of all devices: what checkpoints store, so a
-checkpoint restores under any mode and any number of devices or hosts.
+over the mesh of all devices (replicated, the centres sharded with
+`shard_head`): what checkpoints store, so a checkpoint restores under any mode
+and any number of devices or hosts (a sharded head: the same number of devices).
 """
 
 import dataclasses
@@ -23,11 +29,15 @@ import os
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "batch"
 MODES = ("pmap", "mesh", "none")
+# The state leaves that `shard_head` splits over AXIS: the head's centre matrix and the
+# optimiser's copies of it (momentum, Adam moments) all sit under this dict key.
+CENTRES = "centres"
 
 # The usual environment of a multi-host job, read when no flag is given.
 _ENV_COORDINATOR, _ENV_NUM_PROCESSES, _ENV_PROCESS_ID = (
@@ -88,20 +98,34 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,), axis_types=(AxisType.Auto,))
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Host values (equal on every process) → global arrays replicated over `mesh`."""
-  sharding = NamedSharding(mesh, P())
-
-  def put(x):
+def place(tree: Any, shardings: Any) -> Any:
+  """Host values (equal on every process) → global arrays with `shardings` (a tree or one)."""
+  def put(x, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-  return jax.tree.map(put, tree)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: put(x, shardings), tree)
+  return jax.tree.map(put, tree, shardings)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Host values (equal on every process) → global arrays replicated over `mesh`."""
+  return place(tree, NamedSharding(mesh, P()))
 
 
 def host_copy(tree: Any) -> Any:
-  """Replicated (global or single-device) arrays → NumPy arrays of this process."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
+  """Global or single-device arrays → NumPy arrays of their whole value on this process.
+
+  A replicated leaf is read from this process's first shard; a sharded one is
+  gathered from every process (a collective: every process must call it).
+  """
+  def copy(x):
+    if x.sharding.is_fully_replicated:
+      return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(copy, tree)
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -125,10 +149,11 @@ class DataParallel:
   """How a step runs over the devices (`mode` in MODES) and the layouts it needs.
 
   `mesh` spans every device of every host (one device for 'none'). Use
-  `parallel_for(mode)` to build one.
+  `parallel_for(mode, shard_head=...)` to build one.
   """
   mode: str
   mesh: Mesh
+  shard_head: bool = False
 
   @property
   def num_devices(self) -> int:
@@ -137,8 +162,20 @@ class DataParallel:
 
   @property
   def axis_name(self) -> str | None:
-    """The axis name a step's collectives use (only pmap's step sees one)."""
-    return AXIS if self.mode == "pmap" else None
+    """The axis name a step's collectives use: pmap's, or shard_map's with `shard_head`."""
+    return AXIS if self.mode == "pmap" or self.shard_head else None
+
+  def state_specs(self, state: Any) -> Any:
+    """PartitionSpecs of the state's leaves: P(AXIS) for the centres with `shard_head`, else P()."""
+    def spec(path, leaf):
+      del leaf
+      last = path[-1] if path else None
+      is_centres = isinstance(last, jax.tree_util.DictKey) and last.key == CENTRES
+      return P(AXIS) if self.shard_head and is_centres else P()
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+  def _shardings(self, state: Any, mesh: Mesh) -> Any:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), self.state_specs(state))
 
   def wrap(self, step_fn: Callable[..., Any]) -> Callable[..., Any]:
     """`step_fn(state, batch, *, axis_name)` → the compiled step over the devices.
@@ -148,9 +185,20 @@ class DataParallel:
     step_fn = functools.partial(step_fn, axis_name=self.axis_name)
     if self.mode == "pmap":
       return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
-    replicated = NamedSharding(self.mesh, P())
-    return jax.jit(step_fn, in_shardings=(replicated, NamedSharding(self.mesh, P(AXIS))),
-                   out_shardings=replicated, donate_argnums=(0,))
+    batch_sharding = NamedSharding(self.mesh, P(AXIS))
+    if not self.shard_head:
+      replicated = NamedSharding(self.mesh, P())
+      return jax.jit(step_fn, in_shardings=(replicated, batch_sharding),
+                     out_shardings=replicated, donate_argnums=(0,))
+
+    def sharded_step(state, batch):
+      specs = self.state_specs(state)
+      # check_vma=False: the step says itself (pmean) what is replicated, as under pmap.
+      mapped = jax.shard_map(step_fn, mesh=self.mesh, in_specs=(specs, P(AXIS)),
+                             out_specs=(specs, P()), check_vma=False)
+      return mapped(state, batch)
+
+    return jax.jit(sharded_step, donate_argnums=(0,))
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
     """This host's slice of a global batch → the step's batch argument."""
@@ -159,30 +207,42 @@ class DataParallel:
     return shard_batch(batch, self.mesh)
 
   def put_state(self, state: Any) -> Any:
-    """A global replicated state (as `global_state` gives) → the step's state argument."""
+    """A global state (as `global_state` gives) → the step's state argument."""
+    state = host_copy(state)
     if self.mode == "pmap":
       local = Mesh(np.asarray(jax.local_devices()), (AXIS,))
       count = jax.local_device_count()
       return jax.device_put(
-          jax.tree.map(lambda x: np.broadcast_to(x, (count, *x.shape)), host_copy(state)),
+          jax.tree.map(lambda x: np.broadcast_to(x, (count, *x.shape)), state),
           NamedSharding(local, P(AXIS)))
-    return replicate(host_copy(state), self.mesh)
+    return place(state, self._shardings(state, self.mesh))
+
+  def from_host(self, state: Any) -> Any:
+    """The whole state as host (or single-device) arrays → global arrays over the mesh of all
+    devices, the centres sharded with `shard_head`: the layout checkpoints store."""
+    return place(state, self._shardings(state, make_mesh()))
 
   def global_state(self, state: Any) -> Any:
-    """The step's state → global arrays replicated over the mesh of all devices."""
-    return replicate(self.local_state(state), make_mesh())
+    """The step's state → `from_host`'s layout."""
+    return self.from_host(self.local_state(state))
 
   def local_state(self, state: Any) -> Any:
-    """The step's state → NumPy arrays on this host (for evaluation and statistics)."""
-    state = host_copy(state)
-    # A pmap state's shard on this host's first device is (1, ...): one copy of each leaf.
-    return jax.tree.map(lambda x: x[0], state) if self.mode == "pmap" else state
+    """The step's state → NumPy arrays of the whole state (for evaluation and statistics)."""
+    if self.mode == "pmap":
+      # A pmap state's shard on this host's first device is (1, ...): one copy of each leaf.
+      return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], state)
+    return host_copy(state)
 
 
-def parallel_for(mode: str) -> DataParallel:
-  """The `DataParallel` of `config.train.parallel`: 'pmap', 'mesh' or 'none'."""
+def parallel_for(mode: str, *, shard_head: bool = False) -> DataParallel:
+  """The `DataParallel` of `config.train.parallel` ('pmap', 'mesh' or 'none') and `config.head.sharded`."""
   if mode not in MODES:
     raise ValueError(f"unknown parallel mode {mode!r}; known: {', '.join(MODES)}")
+  if shard_head and mode != "mesh":
+    raise ValueError(f"a sharded head (config.head.sharded) runs under train.parallel='mesh', "
+                     f"got {mode!r}")
+  if shard_head:
+    return DataParallel(mode, make_mesh(), shard_head=True)
   if mode == "none":
     if jax.process_count() > 1:
       raise ValueError("parallel='none' runs on one device; a multi-process run needs "

@@ -131,14 +131,17 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array, num_classes: int,
-                       image_shape: tuple[int, int, int]) -> TrainState:
-  """The initial state for `num_classes` identities and images `(H, W, C)`."""
+                       image_shape: tuple[int, int, int], num_shards: int = 1) -> TrainState:
+  """The initial state for `num_classes` identities and images `(H, W, C)`.
+
+  `num_shards`: the devices a sharded head splits the centres over (padded to a multiple).
+  """
   model, tx = make_model(config.model), make_optimizer(config.train)
   model_key, head_key, dropout_key = jax.random.split(key, 3)
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(model_key, dummy)
   head = heads.init_head(head_key, num_classes, config.model.embedding_dim,
-                         bias=config.loss.bias)
+                         bias=config.loss.bias, num_shards=num_shards)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats, head=head,
@@ -148,8 +151,8 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array, num_cl
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, loss_fn: losses.LossFn,
-               schedule: optax.Schedule,
-               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               schedule: optax.Schedule, axis_name: str | None = None,
+               sharded_head: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser update on a batch.
 
   Args:
@@ -160,9 +163,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       loss always run in float32).
     tx: the optimiser; schedule: its learning rate (for the metrics).
     loss_fn: `losses.make_loss_fn(config.loss)`.
-    axis_name: under pmap, the device axis: gradients, batch statistics and
-      metrics are averaged over it. None under jit (one device, or a mesh
-      where XLA makes every batch mean global).
+    axis_name: under pmap or shard_map, the device axis: gradients, batch
+      statistics and metrics are averaged over it. None under jit (one device,
+      or a mesh where XLA makes every batch mean global).
+    sharded_head: the state holds this device's shard of the centres, and
+      `loss_fn` gives their exact gradient (`heads.margin_term`): it is not
+      averaged, and the gradient norm sums the shards'.
 
   Returns:
     (new state, metrics): scalars 'loss', one 'loss/<term>' per loss term,
@@ -177,18 +183,25 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     embeddings, updates = model.apply(
         {"params": trainable["backbone"], "batch_stats": state.batch_stats}, images,
         train=True, rngs={"dropout": key}, mutable=["batch_stats"])
-    loss, aux = loss_fn(embeddings.astype(jnp.float32), trainable["head"], batch["label"])
+    loss, aux = loss_fn(embeddings.astype(jnp.float32), trainable["head"], batch["label"], key)
     return loss, (aux, updates.get("batch_stats", {}))
 
   (loss, (aux, batch_stats)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
       state.trainable)
   metrics = {"loss": loss, "theta_y_deg": jnp.degrees(jnp.mean(aux["theta_y"])),
              **{name: value for name, value in aux.items() if name.startswith("loss/")}}
+  averaged = {"backbone": grads["backbone"]} if sharded_head else grads
   if axis_name is not None:
-    grads, batch_stats, metrics = jax.lax.pmean((grads, batch_stats, metrics), axis_name)
+    averaged, batch_stats, metrics = jax.lax.pmean((averaged, batch_stats, metrics), axis_name)
+  grad_norm_sq = optax.tree.norm(averaged, squared=True)
+  if sharded_head:
+    grads = {"backbone": averaged["backbone"], "head": grads["head"]}
+    grad_norm_sq += jax.lax.psum(optax.tree.norm(grads["head"], squared=True), axis_name)
+  else:
+    grads = averaged
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
-  metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+  metrics.update(grad_norm=jnp.sqrt(grad_norm_sq), lr=schedule(state.step))
   new_state = state.replace(step=state.step + 1, params=trainable["backbone"],
                             head=trainable["head"], batch_stats=batch_stats,
                             opt_state=opt_state)
@@ -219,10 +232,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.dropout must be in [0, 1), got {config.model.dropout!r}")
   _one_of("model.dtype", config.model.dtype, DTYPES)
   losses.make_loss_fn(config.loss)  # validates the margin and the loss weights
-  if config.head.sharded or config.head.sample_rate != 1.0 or config.head.chunk_size != 0:
-    raise ValueError(
-        "this trainer uses a replicated, unsampled, unchunked head: config.head must have "
-        f"sharded=False, sample_rate=1.0, chunk_size=0; got {config.head.to_dict()}")
+  heads.check_head_config(config.head, config.loss)
+  if config.head.sharded and train.parallel != "mesh":
+    raise ValueError("config.head.sharded=True runs under train.parallel='mesh' (shard_map), "
+                     f"got {train.parallel!r}")
+  if config.head.sharded and train.grad_clip:
+    raise ValueError("config.train.grad_clip > 0 clips by a norm that a sharded head's "
+                     "optimiser cannot see whole: use grad_clip=0 with config.head.sharded")
   _one_of("data.name", config.data.name, data.DATA_NAMES)
   _one_of("data.sampler", config.data.sampler, pipeline.SAMPLERS)
   if (config.data.sampler == "pk"
@@ -347,10 +363,37 @@ def _write_json(path: pathlib.Path, value: Any) -> None:
   tmp.replace(path)
 
 
+def pixel_baseline(eval_sets: dict) -> dict[str, dict[str, float]]:
+  """Verification of every eval set with raw pixels as embeddings (cosine similarity).
+
+  What any model must beat: {set: {accuracy, accuracy_std, auc}}.
+  """
+  results = {}
+  for name, pairs in eval_sets.items():
+    flat = lambda images: np.asarray(images, np.float64).reshape(len(images), -1)
+    verified = evaluation.verify(flat(pairs.images1), flat(pairs.images2), pairs.issame)
+    results[name] = {key: verified[key] for key in ("accuracy", "accuracy_std", "auc")}
+  return results
+
+
 def _eval_line(step: int, results: dict[str, dict[str, float]]) -> str:
   return f"step {step} eval: " + "; ".join(
       f"{name} accuracy {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} (AUC {r['auc']:.4f})"
       for name, r in results.items())
+
+
+def _check_resumable(checkpoints: ocp.CheckpointManager, config: ml_collections.ConfigDict,
+                     par: parallel.DataParallel) -> None:
+  """A sharded head's centres are padded to a multiple of the devices: resume on as many."""
+  if not config.head.sharded:
+    return
+  step = checkpoints.latest_step()
+  meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  if meta.get("num_devices") != par.num_devices or meta.get("sharded") is not True:
+    raise ValueError(
+        f"the checkpoint at step {step} in {checkpoints.directory} was saved with "
+        f"head.sharded={meta.get('sharded', False)} on {meta.get('num_devices')} devices; a "
+        f"sharded head resumes only as it was saved (here: {par.num_devices} devices)")
 
 
 def _check_batch_size(config: ml_collections.ConfigDict, par: parallel.DataParallel) -> None:
@@ -365,7 +408,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns:
     The contents of workdir/results.json: {'step', 'train_loss', 'eval': {set:
-    {accuracy, accuracy_std, ...}}, 'angle_stats': {...} or None, 'loss': {...}}.
+    {accuracy, accuracy_std, ...}}, 'pixel_baseline': {set: {accuracy,
+    accuracy_std, auc}}, 'angle_stats': {...} or None, 'loss': {...}}.
 
   Raises:
     NonFiniteLossError: the loss or the gradient norm became NaN or inf; the
@@ -378,14 +422,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-  par = parallel.parallel_for(config.train.parallel)
+  par = parallel.parallel_for(config.train.parallel, shard_head=config.head.sharded)
   _check_batch_size(config, par)
   datasets = data.get_datasets(config.data)
   image_size = tuple(config.data.image_size) if config.data.image_size else None
   steps = config.train.steps
   model = make_model(config.model, bn_axis_name=par.axis_name)
   tx, schedule = make_optimizer(config.train), make_schedule(config.train)
-  loss_fn = losses.make_loss_fn(config.loss)
+  loss_fn = losses.make_loss_fn(config.loss, heads.margin_term(
+      config.loss, config.head, datasets.num_classes, par.axis_name))
 
   sample_images = pipeline.load_images(datasets.train, np.arange(min(16, len(datasets.train))),
                                        image_size=image_size)
@@ -393,14 +438,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if record:
     probe_images, probe_labels = _probe_set(datasets.train, config.angles.probe_size,
                                             config.seed, image_size)
-  state = create_train_state(config, jax.random.key(config.seed), datasets.num_classes,
-                             sample_images.shape[1:])
-  state = parallel.replicate(state, parallel.make_mesh())
+  num_shards = par.num_devices if config.head.sharded else 1
+  state = par.from_host(create_train_state(config, jax.random.key(config.seed),
+                                           datasets.num_classes, sample_images.shape[1:],
+                                           num_shards))
   checkpoints = ocp.CheckpointManager(
       (workdir / "checkpoints").resolve(),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints,
                                            create=True))
   if checkpoints.latest_step() is not None:
+    _check_resumable(checkpoints, config, par)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
@@ -419,19 +466,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return jax.device_put(({"params": local.params, "batch_stats": local.batch_stats},
                            local.head), device)
 
-  def record_angles(local: TrainState, step):
+  def record_angles(local: TrainState, step) -> dict[str, float | None]:
+    """θ records of the probe set, and the angle statistics (Intra2/Inter2 on the holdout)."""
     variables, head = variables_of(local)
+    centres = np.asarray(head["centres"])[:datasets.num_classes]  # a sharded head's padding
     embeddings = _embed(embed, variables, probe_images, config.eval.batch_size)
-    _record_angles(workdir, step, embeddings, np.asarray(head["centres"]), probe_labels,
-                   writer, primary)
-    return embeddings, np.asarray(head["centres"])
+    _record_angles(workdir, step, embeddings, centres, probe_labels, writer, primary)
+    unseen = ()
+    if datasets.holdout is not None:
+      images, labels = datasets.holdout
+      unseen = (_embed(embed, variables, images, config.eval.batch_size), labels)
+    stats = angles.angle_statistics(embeddings, probe_labels, centres, *unseen)
+    writer.write_scalars(step, {f"angles/{name}": value for name, value in stats.items()
+                                if value is not None})
+    return stats
 
   def save(state, step):
     checkpoints.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(par.global_state(state)),
         meta=ocp.args.JsonSave({"step": step, "parallel": par.mode,
-                                "num_devices": par.num_devices})))
+                                "num_devices": par.num_devices,
+                                "sharded": config.head.sharded})))
 
+  baseline = pixel_baseline(datasets.eval_sets)
+  progress.write("raw-pixel cosine baseline: " + "; ".join(
+      f"{name} accuracy {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} (AUC {r['auc']:.4f})"
+      for name, r in baseline.items()))
   angle_steps = _angle_steps(config)
   if start_step == 0:
     writer.write_images(0, {"train/images": sample_images})
@@ -439,7 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       record_angles(parallel.host_copy(state), 0)
   state = par.put_state(state)
   step_fn = par.wrap(functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                       schedule=schedule))
+                                       schedule=schedule, sharded_head=config.head.sharded))
   pending, rows, last_row = [], [], None
   eval_results: dict[str, dict[str, float]] = {}
   timer_step, timer = start_step, time.monotonic()
@@ -494,10 +554,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               datasets.eval_sets, config.eval.batch_size)
     angle_stats = None
     if record:
-      embeddings, centres = record_angles(par.local_state(state), steps)
-      angle_stats = {"step": steps, **angles.angle_statistics(embeddings, probe_labels, centres)}
-      writer.write_scalars(steps, {f"angles/{name}": value for name, value in angle_stats.items()
-                                   if name != "step" and value is not None})
+      angle_stats = {"step": steps, **record_angles(par.local_state(state), steps)}
     checkpoints.wait_until_finished()
   finally:
     checkpoints.close()
@@ -508,6 +565,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "step": steps,
       "train_loss": None if last_row is None else float(last_row["train/loss"]),
       "eval": eval_results,
+      "pixel_baseline": baseline,
       "angle_stats": angle_stats,
       "loss": {"preset": config.loss.preset,
                "terms": {name: config.loss[f"{name}_weight"]

@@ -9,7 +9,7 @@ import pytest
 import sklearn.datasets
 
 from arcjax import data
-from arcjax.data import default
+from arcjax.data import default, tfds_builder
 from arcjax.data.folders import ImageFolderSource
 from arcjax.data.pipeline import load_images
 from arcjax.data.sources import ArraySource, Subset, open_set_split
@@ -99,7 +99,7 @@ def test_digits_fallback_where_fashion_mnist_is_absent(monkeypatch, tmp_path, ca
 
 def _data_config(**overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(dict(
-      name="folder", path="", image_size=None, channels=1, num_holdout_identities=8, pairs_seed=0,
+      name="folder", path="", image_size=None, num_holdout_identities=8, pairs_seed=0,
       max_pairs=6000, data_dir="", eval_bins=[]))
   config.update(overrides)
   return config
@@ -128,6 +128,11 @@ def test_get_datasets_on_orl_is_an_open_set_split(shared_datasets):
   ids2 = np.array([lookup[im.tobytes()] for im in holdout.images2.reshape(len(holdout.issame), -1)])
   assert set(ids1) | set(ids2) <= holdout_identities
   np.testing.assert_array_equal(holdout.issame, ids1 == ids2)
+  # The labelled held-out images (for Intra2 / Inter2): every pair image, with its identity.
+  images, labels = datasets.holdout
+  ids = np.array([lookup[im.tobytes()] for im in images.reshape(len(images), -1)])
+  np.testing.assert_array_equal(labels, ids)
+  assert set(ids) == set(ids1) | set(ids2)
   # The training source yields the training people's images with their new labels.
   image, label = train[0]
   np.testing.assert_array_equal(image, folder[int(train.indices[0])][0])
@@ -150,11 +155,13 @@ def test_get_datasets_default_reads_the_tfds_build(monkeypatch, tmp_path):
   monkeypatch.setattr(default, "FASHION_MNIST_DIR", tmp_path / "absent")  # digits: a fast build
   datasets = data.get_datasets(_data_config(name="default", data_dir=str(tmp_path / "tfds"),
                                             num_holdout_identities=3, max_pairs=200))
-  assert list(tmp_path.glob("tfds/arcjax_images/digits/1.0.0/*.array_record*"))
+  assert list(tmp_path.glob("tfds/arcjax_images/digits/1.1.0/*.array_record*"))
   digits = default.load_digits()
   train = datasets.train
   assert datasets.num_classes == 7
-  np.testing.assert_array_equal(train.original_labels[train.labels], digits.labels[train.indices])
+  # The build stores the examples grouped by identity.
+  stored_labels = digits.labels[tfds_builder.identity_order(digits.labels)]
+  np.testing.assert_array_equal(train.original_labels[train.labels], stored_labels[train.indices])
   held_out = set(range(10)) - set(train.original_labels)
   holdout = datasets.eval_sets["holdout"]
   assert holdout.images1.shape[1:] == (8, 8, 1) and 0 < len(holdout.issame) <= 200

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from arcjax import heads
 from arcjax import losses
 from arcjax import parallel
 from arcjax import train
@@ -42,19 +43,27 @@ def _batches(num_steps: int, batch_size: int, seed: int = 0) -> list[dict[str, n
 
 
 def _train(config, mode: str, batches) -> tuple[train.TrainState, list[dict]]:
-  """Runs `batches` through the step of `mode`; the final state on the host and the metrics."""
-  par = parallel.parallel_for(mode)
+  """Runs `batches` through the step of `mode`; the final state on the host and the metrics.
+
+  A sharded head's centres (and their optimiser state) come back without their padding.
+  """
+  sharded = config.head.sharded
+  par = parallel.parallel_for(mode, shard_head=sharded)
   model = train.make_model(config.model, bn_axis_name=par.axis_name)
-  state = train.create_train_state(config, jax.random.key(0), NUM_CLASSES, IMAGE_SHAPE)
-  state = par.put_state(parallel.replicate(state, parallel.make_mesh()))
+  state = train.create_train_state(config, jax.random.key(0), NUM_CLASSES, IMAGE_SHAPE,
+                                   num_shards=par.num_devices if sharded else 1)
+  state = par.put_state(par.from_host(state))
+  loss_fn = losses.make_loss_fn(config.loss, heads.margin_term(
+      config.loss, config.head, NUM_CLASSES, par.axis_name))
   step = par.wrap(functools.partial(
-      train.train_step, model=model, tx=train.make_optimizer(config.train),
-      loss_fn=losses.make_loss_fn(config.loss), schedule=train.make_schedule(config.train)))
+      train.train_step, model=model, tx=train.make_optimizer(config.train), loss_fn=loss_fn,
+      schedule=train.make_schedule(config.train), sharded_head=sharded))
   history = []
   for batch in batches:
     state, metrics = step(state, par.put_batch(batch))
     history.append(jax.tree.map(float, par.local_state(metrics)))
-  return par.local_state(state), history
+  unpad = lambda path, x: x[:NUM_CLASSES] if path[-1] == jax.tree_util.DictKey("centres") else x
+  return jax.tree_util.tree_map_with_path(unpad, par.local_state(state)), history
 
 
 def test_piecewise_schedule_matches_hand_values():
@@ -125,6 +134,49 @@ def test_data_parallel_matches_one_device(mode):
                  getattr(many, name), getattr(one, name))
   np.testing.assert_allclose([m["loss"] for m in many_metrics],
                              [m["loss"] for m in one_metrics], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode, head", [
+    ("mesh", dict(sharded=True)),                  # 10 classes padded to 16 over 8 devices
+    ("mesh", dict(sharded=True, chunk_size=1)),    # and streamed a centre at a time
+    ("mesh", dict(chunk_size=3)),
+    ("pmap", dict(chunk_size=4)),
+])
+def test_sharded_and_chunked_heads_match_the_replicated_head(mode, head):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  config = _small_config(lr=0.1)
+  config.loss = losses.loss_config("cm1", s=16.0)
+  batches = _batches(3, 32)
+  one, one_metrics = _train(config, "none", batches)
+  config.head.update(head)
+  many, many_metrics = _train(config, mode, batches)
+  initial = train.create_train_state(config, jax.random.key(0), NUM_CLASSES, IMAGE_SHAPE)
+  assert np.abs(one.head["centres"] - np.asarray(initial.head["centres"])).max() > 1e-4
+  for name in ("params", "batch_stats", "head", "opt_state"):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=5e-5),
+                 getattr(many, name), getattr(one, name))
+  for key in ("loss", "grad_norm", "theta_y_deg"):
+    np.testing.assert_allclose([m[key] for m in many_metrics], [m[key] for m in one_metrics],
+                               rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(head=dict(sharded=True), train=dict(parallel="pmap")), "parallel='mesh'"),
+    (dict(head=dict(sample_rate=0.5)), "needs config.head.sharded=True"),
+    (dict(head=dict(sample_rate=0.0, sharded=True)), "sample_rate must be in"),
+    (dict(head=dict(chunk_size=-2)), "chunk_size=-2"),
+    (dict(head=dict(sharded=True), loss=dict(intra_weight=1.0)), "Intra and Inter"),
+    (dict(head=dict(chunk_size=64), loss=losses.loss_config("softmax").to_dict()),
+     "plain softmax"),
+    (dict(head=dict(sharded=True), train=dict(grad_clip=1.0)), "grad_clip"),
+])
+def test_bad_head_configs_are_named(changes, match):
+  config = default.get_config()
+  for part, values in changes.items():
+    config[part].update(values)
+  with pytest.raises(ValueError, match=match):
+    train.validate_config(config)
 
 
 def test_bfloat16_backbone_float32_head_and_loss():
@@ -210,10 +262,10 @@ def test_nan_loss_stops_run_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     def __exit__(self, *exc_info):
       self._batches.close()
 
-  def nan_on_negative_labels(config):
-    loss_fn = real_loss(config)
-    def poisoned(embeddings, head, labels):
-      loss, aux = loss_fn(embeddings, head, jnp.maximum(labels, 0))
+  def nan_on_negative_labels(config, margin_term=None):
+    loss_fn = real_loss(config, margin_term)
+    def poisoned(embeddings, head, labels, key=None):
+      loss, aux = loss_fn(embeddings, head, jnp.maximum(labels, 0), key)
       return jnp.where(jnp.any(labels < 0), jnp.nan, loss), aux
     return poisoned
 
@@ -292,3 +344,20 @@ def test_resume_on_other_device_count_and_mode(tmp_path):
   assert step == 15 and int(state["step"]) == 15
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [row["step"] for row in rows if "train/loss" in row] == [5, 10, 15], output[-2000:]
+
+
+@pytest.mark.slow
+def test_sharded_sampled_chunked_head_trains_and_resumes_only_as_saved(tmp_path):
+  head = ("--config.head.sharded=True", "--config.head.sample_rate=0.5",
+          "--config.head.chunk_size=2")
+  output = _finish(_start(tmp_path, 10, *head))
+  assert "final holdout: verification accuracy" in output
+  step, state = _restore_state(tmp_path)
+  # 7 training classes padded to 8 over the 2 devices; the padding row never moves.
+  assert step == 10 and state["head"]["centres"].shape == (8, 32)
+  np.testing.assert_array_equal(state["head"]["centres"][7], 0.0)
+  assert np.isfinite(state["head"]["centres"]).all()
+  process = _start(tmp_path, 15, *head, devices=1)
+  output = process.communicate(timeout=240)[0].decode()
+  assert process.returncode != 0
+  assert "a sharded head resumes only as it was saved (here: 1 devices)" in output, output[-2000:]

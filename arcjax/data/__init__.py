@@ -32,10 +32,16 @@ class PairSet(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-  """`train`: a source of the training identities, labels in [0, num_classes); `eval_sets` by name."""
+  """`train`: a source of the training identities, labels in [0, num_classes); `eval_sets` by name.
+
+  `holdout`: the held-out identities' images in the pairs, `(images (M, H, W, C)
+  uint8, labels (M,) int)`, for the angle statistics on unseen identities; None
+  when nothing is held out.
+  """
   train: Source
   num_classes: int
   eval_sets: dict[str, PairSet]
+  holdout: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class _EncodedImages:
@@ -99,16 +105,18 @@ def get_datasets(data_config: Any) -> Datasets:
       source.labels, num_holdout_identities=num_holdout, seed=data_config.pairs_seed)
   train = Subset(source, train_indices, relabel=True)
 
-  eval_sets = {}
+  eval_sets, holdout = {}, None
   if num_holdout:
     pairs, issame = make_verification_pairs(
         source.labels[holdout_indices], seed=data_config.pairs_seed, max_pairs=data_config.max_pairs)
     used, pairs = np.unique(pairs, return_inverse=True)
     images = load_images(source, holdout_indices[used], image_size=image_size)
     eval_sets["holdout"] = _pair_set(images, pairs.reshape(-1, 2), issame)
+    holdout = (images, source.labels[holdout_indices[used]])
   for path in data_config.get("eval_bins") or ():
     path = _existing(path, "verification .bin file")
     encoded, issame = read_bin(path)
     images = load_images(_EncodedImages(list(encoded)), np.arange(len(encoded)), image_size=image_size)
     eval_sets[path.stem] = _pair_set(images, np.arange(len(encoded)).reshape(-1, 2), issame)
-  return Datasets(train=train, num_classes=train.num_classes, eval_sets=eval_sets)
+  return Datasets(train=train, num_classes=train.num_classes, eval_sets=eval_sets,
+                  holdout=holdout)
