@@ -11,30 +11,13 @@ embeddings: the mean direction of the class, which unnormalised features
 
 import numpy as np
 
+from arcjax.evaluation import unit_rows
+
 # Rows of an (rows, C) cosine matrix computed at once: bounds the float64
 # scratch of nearest-angle searches to 128 MiB for any number of classes.
 _CHUNK_ELEMENTS = 1 << 24
 # float32 arccos returns up to float32(π) > π; such angles are still in range.
 _ANGLE_TOLERANCE = 1e-6
-
-
-def _unit_rows(x, name: str) -> np.ndarray:
-  """(N, d) float64 rows of unit norm, or ValueError naming `name`."""
-  x = np.asarray(x)
-  if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-    raise ValueError(f"{name} must be a non-empty (N, d) array, got shape {x.shape}")
-  if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-    raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}")
-  x = x.astype(np.float64)
-  bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-  if bad.size:
-    raise ValueError(f"{name} has non-finite values in row {int(bad[0])} "
-                     f"({bad.size} rows in all)")
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
-  zero = np.flatnonzero(norms[:, 0] == 0)
-  if zero.size:
-    raise ValueError(f"{name} row {int(zero[0])} has zero norm and no direction")
-  return x / norms
 
 
 def _labels_for(labels, num_rows: int, name: str,
@@ -108,8 +91,8 @@ def target_angles(embeddings: np.ndarray, centres: np.ndarray,
   Returns:
     (N,) float64 radians in [0, π].
   """
-  x = _unit_rows(embeddings, "embeddings")
-  w = _unit_rows(centres, "centres")
+  x = unit_rows(embeddings, "embeddings")
+  w = unit_rows(centres, "centres")
   _same_dim(x, w)
   labels = _labels_for(labels, x.shape[0], "labels", w.shape[0])
   return _angle(np.sum(x * w[labels], axis=1))
@@ -125,8 +108,8 @@ def nearest_nontarget_angles(embeddings: np.ndarray, centres: np.ndarray,
   Returns:
     (N,) float64 radians in [0, π].
   """
-  x = _unit_rows(embeddings, "embeddings")
-  w = _unit_rows(centres, "centres")
+  x = unit_rows(embeddings, "embeddings")
+  w = unit_rows(centres, "centres")
   _same_dim(x, w)
   if w.shape[0] < 2:
     raise ValueError(f"a non-target centre needs at least 2 centres, got {w.shape[0]}")
@@ -146,8 +129,8 @@ def w_ec(embeddings: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> flo
   Returns:
     Radians.
   """
-  x = _unit_rows(embeddings, "embeddings")
-  w = _unit_rows(centres, "centres")
+  x = unit_rows(embeddings, "embeddings")
+  w = unit_rows(centres, "centres")
   _same_dim(x, w)
   labels = _labels_for(labels, x.shape[0], "labels", w.shape[0])
   classes, class_centres, _ = _class_centres(x, labels)
@@ -163,7 +146,7 @@ def w_inter(centres: np.ndarray) -> float:
   Returns:
     Radians.
   """
-  w = _unit_rows(centres, "centres")
+  w = unit_rows(centres, "centres")
   if w.shape[0] < 2:
     raise ValueError(f"W-Inter needs at least 2 centres, got {w.shape[0]}")
   return float(np.mean(_angle(_nearest_other_cos(w, w, np.arange(w.shape[0])))))
@@ -181,7 +164,7 @@ def intra(embeddings: np.ndarray, labels: np.ndarray) -> float:
   Returns:
     Radians.
   """
-  x = _unit_rows(embeddings, "embeddings")
+  x = unit_rows(embeddings, "embeddings")
   labels = _labels_for(labels, x.shape[0], "labels")
   _, class_centres, index = _class_centres(x, labels)
   return float(np.mean(_angle(np.sum(x * class_centres[index], axis=1))))
@@ -198,7 +181,7 @@ def inter(embeddings: np.ndarray, labels: np.ndarray) -> float:
   Returns:
     Radians.
   """
-  x = _unit_rows(embeddings, "embeddings")
+  x = unit_rows(embeddings, "embeddings")
   labels = _labels_for(labels, x.shape[0], "labels")
   classes, class_centres, _ = _class_centres(x, labels)
   if len(classes) < 2:

@@ -33,7 +33,7 @@ def far_key(far: float) -> str:
   return np.format_float_scientific(far, trim="-", exp_digits=1)
 
 
-def _as_embeddings(x, name: str) -> np.ndarray:
+def as_embeddings(x, name: str) -> np.ndarray:
   """(N, d) finite float64, or ValueError naming `name`."""
   x = np.asarray(x)
   if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -58,6 +58,11 @@ def _l2_normalize(x: np.ndarray, name: str) -> np.ndarray:
   return x / norms
 
 
+def unit_rows(x, name: str) -> np.ndarray:
+  """(N, d) finite float64 rows scaled to unit norm, or ValueError naming `name`."""
+  return _l2_normalize(as_embeddings(x, name), name)
+
+
 def _same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
   if a.shape != b.shape:
     raise ValueError(f"{name_a} and {name_b} must have the same shape, got "
@@ -74,8 +79,8 @@ def fuse_flip(emb: np.ndarray, emb_flipped: np.ndarray) -> np.ndarray:
   Returns:
     (N, d) float64 unit rows.
   """
-  emb = _as_embeddings(emb, "emb")
-  emb_flipped = _as_embeddings(emb_flipped, "emb_flipped")
+  emb = as_embeddings(emb, "emb")
+  emb_flipped = as_embeddings(emb_flipped, "emb_flipped")
   _same_shape(emb, emb_flipped, "emb", "emb_flipped")
   return _l2_normalize(emb + emb_flipped, "emb + emb_flipped")
 
@@ -90,8 +95,8 @@ def pair_distances(embeddings1: np.ndarray, embeddings2: np.ndarray) -> np.ndarr
   Returns:
     (P,) float64 in [0, 4]; 2 − 2 cos θ of the pair's angle θ.
   """
-  e1 = _as_embeddings(embeddings1, "embeddings1")
-  e2 = _as_embeddings(embeddings2, "embeddings2")
+  e1 = as_embeddings(embeddings1, "embeddings1")
+  e2 = as_embeddings(embeddings2, "embeddings2")
   _same_shape(e1, e2, "embeddings1", "embeddings2")
   diff = _l2_normalize(e1, "embeddings1") - _l2_normalize(e2, "embeddings2")
   return np.sum(diff * diff, axis=1)
@@ -285,8 +290,8 @@ def identification_rank1(gallery_emb: np.ndarray, gallery_labels: np.ndarray,
   Returns:
     Rank-1 identification rate in [0, 1]; ties go to the first gallery item.
   """
-  gallery = _l2_normalize(_as_embeddings(gallery_emb, "gallery_emb"), "gallery_emb")
-  probe = _l2_normalize(_as_embeddings(probe_emb, "probe_emb"), "probe_emb")
+  gallery = unit_rows(gallery_emb, "gallery_emb")
+  probe = unit_rows(probe_emb, "probe_emb")
   if gallery.shape[1] != probe.shape[1]:
     raise ValueError(f"gallery_emb has dimension {gallery.shape[1]} but probe_emb "
                      f"has {probe.shape[1]}")

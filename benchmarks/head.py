@@ -7,18 +7,17 @@ of the same shapes, warm, median of repeats, in one run:
   arcface arcjax's ArcFace loss (arccos/cos on the B target values only)
   naive   ArcFace written with arccos/cos over the whole B×C matrix
 
-  python -m benchmarks.head [--classes 10000 85742] [--repeats 7]
+  python -m benchmarks.head [--classes 10000 85742] [--repeats 21]
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from arcjax import losses
+from benchmarks import timing
 
 
 def _plain(x, w, y):
@@ -37,25 +36,12 @@ def _naive_arcface(x, w, y):
   return jnp.mean(jax.nn.logsumexp(logits, 1) - logits[jnp.arange(y.shape[0]), y])
 
 
-def _median_seconds(fns: dict, args, repeats: int) -> dict[str, float]:
-  """Median wall time of each fn; repeats interleaved so drift hits all alike."""
-  for fn in fns.values():
-    jax.block_until_ready(fn(*args))  # compile and warm up
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=512)
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 85_742])
-  parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--repeats", type=int, default=21)
   args = parser.parse_args()
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
@@ -70,7 +56,7 @@ def main():
     fns = {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
            for name, fn in [("plain", _plain), ("arcface", _arcface),
                             ("naive", _naive_arcface)]}
-    seconds = _median_seconds(fns, (x, w, y), args.repeats)
+    seconds = timing.median_seconds(fns, (x, w, y), args.repeats)
     print(f"| {num_classes} | {1e3 * seconds['plain']:.1f} | "
           f"{1e3 * seconds['arcface']:.1f} | {1e3 * seconds['naive']:.1f} | "
           f"{seconds['arcface'] / seconds['plain']:.3f} | "

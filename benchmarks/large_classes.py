@@ -24,12 +24,11 @@ whose buffers do not fit in the free memory is compiled but not run.
 
 import argparse
 import re
-import statistics
-import time
 
 import jax
 
 from arcjax import losses
+from benchmarks import timing
 
 MARGIN = dict(s=64.0, m2=0.5)
 
@@ -51,17 +50,6 @@ def _inputs(batch: int, dim: int, num_classes: int):
 def _available_bytes() -> int:
   with open("/proc/meminfo") as f:
     return 1024 * int(re.search(r"MemAvailable:\s+(\d+)", f.read()).group(1))
-
-
-def _median_seconds(fns: dict, args, repeats: int) -> dict[str, float]:
-  """Median wall time of each fn; repeats interleaved so that drift hits all alike."""
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _gib(n: float) -> str:
@@ -92,9 +80,8 @@ def main():
       stats = compiled.memory_analysis()
       above[name] = stats.temp_size_in_bytes + stats.output_size_in_bytes
       if above[name] < 0.9 * _available_bytes():
-        jax.block_until_ready(compiled(*inputs))  # warm up
         runnable[name] = compiled
-    seconds = _median_seconds(runnable, inputs, args.repeats)
+    seconds = timing.median_seconds(runnable, inputs, args.repeats)
     time_of = lambda name: f"{seconds[name]:.2f}" if name in seconds else "does not fit"
     ratio = (f"{seconds['chunked'] / seconds['plain']:.3f}" if len(seconds) == 2 else "-")
     print(f"| {num_classes} | {_gib(centres)} | {_gib(above['plain'])} | "

@@ -2,11 +2,12 @@
 
   python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES OUT_DIR
 
-Trains a few steps of tiny_cnn on synthetic data in each mode ('mesh', 'pmap')
+Trains a few steps of tiny_cnn on synthetic data in each mode ('mesh', 'pmap',
+and 'sharded': 'mesh' with the centres split over the devices of both processes)
 with `DEVICES` CPU devices per process, and saves this process's copy of the
 parameters to OUT_DIR/{mode}_process{PROCESS_ID}.npz. With two processes it
 then runs `train.train_and_evaluate` on the default data, together, in
-OUT_DIR/run (checkpoints written by both).
+OUT_DIR/run (pmap) and OUT_DIR/run_sharded (checkpoints written by both).
 """
 
 import functools
@@ -17,10 +18,11 @@ import jax
 import numpy as np
 
 NUM_CLASSES, IMAGE_SHAPE, GLOBAL_BATCH, STEPS = 10, (16, 16, 1), 32, 3
+MODES = ("mesh", "pmap", "sharded")
 
 
 def _train_synthetic(mode: str, out_file: pathlib.Path) -> None:
-  from arcjax import losses, parallel, train  # pylint: disable=import-outside-toplevel
+  from arcjax import heads, losses, parallel, train  # pylint: disable=import-outside-toplevel
   from arcjax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
@@ -29,29 +31,35 @@ def _train_synthetic(mode: str, out_file: pathlib.Path) -> None:
   config.loss = losses.loss_config("arcface", s=16.0)  # as in test_train's equivalence test
   # A small step: float rounding, which differs with the collectives' summation order,
   # then stays of its own size instead of being amplified by large updates.
+  sharded = mode == "sharded"
+  config.head.sharded = sharded
   config.train.update(batch_size=GLOBAL_BATCH, warmup_steps=0, schedule="piecewise",
-                      lr=0.01, parallel=mode)
+                      lr=0.01, parallel="mesh" if sharded else mode)
   rng = np.random.default_rng(0)
   source = sources.ArraySource(rng.integers(0, 256, (256, *IMAGE_SHAPE), dtype=np.uint8),
                                rng.integers(0, NUM_CLASSES, 256), num_classes=NUM_CLASSES)
-  par = parallel.parallel_for(mode)
-  state = train.create_train_state(config, jax.random.key(0), NUM_CLASSES, IMAGE_SHAPE)
-  state = par.put_state(parallel.replicate(state, parallel.make_mesh()))
+  par = parallel.parallel_for(config.train.parallel, shard_head=sharded)
+  state = train.create_train_state(config, jax.random.key(0), NUM_CLASSES, IMAGE_SHAPE,
+                                   num_shards=par.num_devices if sharded else 1)
+  state = par.put_state(par.from_host(state))
+  loss_fn = losses.make_loss_fn(config.loss, heads.margin_term(
+      config.loss, config.head, NUM_CLASSES, par.axis_name))
   step = par.wrap(functools.partial(
       train.train_step, model=train.make_model(config.model, bn_axis_name=par.axis_name),
-      tx=train.make_optimizer(config.train), loss_fn=losses.make_loss_fn(config.loss),
-      schedule=train.make_schedule(config.train)))
+      tx=train.make_optimizer(config.train), loss_fn=loss_fn,
+      schedule=train.make_schedule(config.train), sharded_head=sharded))
   with pipeline.batches(source, global_batch_size=GLOBAL_BATCH, seed=0,
                         process_index=jax.process_index(),
                         process_count=jax.process_count()) as batches:
     for _ in range(STEPS):
       state, _ = step(state, par.put_batch(next(batches)))
   local = par.local_state(state)
-  leaves = jax.tree_util.tree_flatten_with_path((local.params, local.head, local.batch_stats))[0]
+  head = {"centres": local.head["centres"][:NUM_CLASSES]}  # without a sharded head's padding
+  leaves = jax.tree_util.tree_flatten_with_path((local.params, head, local.batch_stats))[0]
   np.savez(out_file, **{jax.tree_util.keystr(path): leaf for path, leaf in leaves})
 
 
-def _train_default(workdir: pathlib.Path) -> None:
+def _train_default(workdir: pathlib.Path, **head) -> None:
   from arcjax import train  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
@@ -64,6 +72,9 @@ def _train_default(workdir: pathlib.Path) -> None:
   config.eval.batch_size = 100
   config.angles.probe_size = 64
   config.wandb.mode = "disabled"
+  if head:
+    config.head.update(head)
+    config.train.parallel = "mesh"
   train.train_and_evaluate(config, str(workdir))
 
 
@@ -74,10 +85,11 @@ def main(process_id: int, num_processes: int, port: int, devices: int, out: str)
     parallel.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
   assert jax.process_count() == num_processes and jax.local_device_count() == devices
   out_dir = pathlib.Path(out)
-  for mode in ("mesh", "pmap"):
+  for mode in MODES:
     _train_synthetic(mode, out_dir / f"{mode}_process{process_id}.npz")
   if num_processes > 1:
     _train_default(out_dir / "run")
+    _train_default(out_dir / "run_sharded", sharded=True, sample_rate=0.5, chunk_size=2)
   print(f"process {process_id} done", flush=True)
 
 

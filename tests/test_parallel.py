@@ -137,7 +137,7 @@ def test_two_processes_train_together(tmp_path):
   (tmp_path / "one").mkdir()
   _run_workers(2, 2, tmp_path / "two")
   _run_workers(1, 4, tmp_path / "one")  # one process with the same 4 devices and global batch
-  for mode in ("mesh", "pmap"):
+  for mode in ("mesh", "pmap", "sharded"):
     first, second, single = (np.load(tmp_path / d / f"{mode}_process{i}.npz")
                              for d, i in (("two", 0), ("two", 1), ("one", 0)))
     assert sorted(first) == sorted(single)
@@ -145,7 +145,8 @@ def test_two_processes_train_together(tmp_path):
       np.testing.assert_array_equal(first[name], second[name], err_msg=f"{mode} {name}")
       np.testing.assert_allclose(first[name], single[name], rtol=1e-5, atol=1e-5,
                                  err_msg=f"{mode} {name}")
-  results = json.loads((tmp_path / "two" / "run" / "results.json").read_text())
-  assert results["step"] == 6 and 0.0 <= results["eval"]["holdout"]["accuracy"] <= 1.0
-  assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints").iterdir()
-                if p.name.isdigit()) == ["3", "6"]
+  for run in ("run", "run_sharded"):
+    results = json.loads((tmp_path / "two" / run / "results.json").read_text())
+    assert results["step"] == 6 and 0.0 <= results["eval"]["holdout"]["accuracy"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "two" / run / "checkpoints").iterdir()
+                  if p.name.isdigit()) == ["3", "6"]

@@ -1,0 +1,25 @@
+"""Timing shared by the benchmarks: warm, interleaved, median."""
+
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+
+
+def median_seconds(fns: dict[str, Callable[..., Any]], args: tuple,
+                   repeats: int) -> dict[str, float]:
+  """Median wall time of each `fn(*args)`, after one warm-up call each (compiles).
+
+  The repeats are interleaved (fn1, fn2, fn1, fn2, …) so that drift of the
+  machine hits every function alike.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
