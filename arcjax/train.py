@@ -368,9 +368,9 @@ def pixel_baseline(eval_sets: dict) -> dict[str, dict[str, float]]:
 
   What any model must beat: {set: {accuracy, accuracy_std, auc}}.
   """
+  flat = lambda images: np.asarray(images, np.float64).reshape(len(images), -1)
   results = {}
   for name, pairs in eval_sets.items():
-    flat = lambda images: np.asarray(images, np.float64).reshape(len(images), -1)
     verified = evaluation.verify(flat(pairs.images1), flat(pairs.images2), pairs.issame)
     results[name] = {key: verified[key] for key in ("accuracy", "accuracy_std", "auc")}
   return results
@@ -385,15 +385,17 @@ def _eval_line(step: int, results: dict[str, dict[str, float]]) -> str:
 def _check_resumable(checkpoints: ocp.CheckpointManager, config: ml_collections.ConfigDict,
                      par: parallel.DataParallel) -> None:
   """A sharded head's centres are padded to a multiple of the devices: resume on as many."""
-  if not config.head.sharded:
-    return
   step = checkpoints.latest_step()
   meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  if meta.get("num_devices") != par.num_devices or meta.get("sharded") is not True:
+  saved_sharded = bool(meta.get("sharded"))
+  if not (saved_sharded or config.head.sharded):
+    return
+  if (saved_sharded, meta.get("num_devices")) != (config.head.sharded, par.num_devices):
     raise ValueError(
         f"the checkpoint at step {step} in {checkpoints.directory} was saved with "
-        f"head.sharded={meta.get('sharded', False)} on {meta.get('num_devices')} devices; a "
-        f"sharded head resumes only as it was saved (here: {par.num_devices} devices)")
+        f"head.sharded={saved_sharded} on {meta.get('num_devices')} devices; a sharded head "
+        f"resumes only as it was saved (here: head.sharded={config.head.sharded} on "
+        f"{par.num_devices} devices)")
 
 
 def _check_batch_size(config: ml_collections.ConfigDict, par: parallel.DataParallel) -> None:

@@ -344,4 +344,10 @@ def test_sharded_sampled_chunked_head_trains_and_resumes_only_as_saved(tmp_path)
   process = _start(tmp_path, 15, *head, devices=1)
   output = process.communicate(timeout=240)[0].decode()
   assert process.returncode != 0
-  assert "a sharded head resumes only as it was saved (here: 1 devices)" in output, output[-2000:]
+  assert "resumes only as it was saved (here: head.sharded=True on 1 devices)" in output, (
+      output[-2000:])
+  process = _start(tmp_path, 15, devices=2)  # the same devices, the head no longer sharded
+  output = process.communicate(timeout=240)[0].decode()
+  assert process.returncode != 0
+  assert "resumes only as it was saved (here: head.sharded=False on 2 devices)" in output, (
+      output[-2000:])
