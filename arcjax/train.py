@@ -208,6 +208,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return new_state, metrics
 
 
+def make_train_step(config: ml_collections.ConfigDict, par: parallel.DataParallel,
+                    num_classes: int) -> Callable[..., Any]:
+  """`train_step` of `config` for `num_classes` identities, compiled over `par`'s devices.
+
+  Returns step(state, batch) -> (state, metrics), the state as `par.put_state`
+  lays it out (donated), the batch as `par.put_batch` does.
+  """
+  loss_fn = losses.make_loss_fn(config.loss, heads.margin_term(
+      config.loss, config.head, num_classes, par.axis_name))
+  return par.wrap(functools.partial(
+      train_step, model=make_model(config.model, bn_axis_name=par.axis_name),
+      tx=make_optimizer(config.train), loss_fn=loss_fn, schedule=make_schedule(config.train),
+      sharded_head=config.head.sharded))
+
+
 def _positive(name: str, value: Any) -> None:
   if not value > 0:
     raise ValueError(f"config.{name} must be > 0, got {value!r}")
@@ -429,10 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   datasets = data.get_datasets(config.data)
   image_size = tuple(config.data.image_size) if config.data.image_size else None
   steps = config.train.steps
-  model = make_model(config.model, bn_axis_name=par.axis_name)
-  tx, schedule = make_optimizer(config.train), make_schedule(config.train)
-  loss_fn = losses.make_loss_fn(config.loss, heads.margin_term(
-      config.loss, config.head, datasets.num_classes, par.axis_name))
+  step_fn = make_train_step(config, par, datasets.num_classes)
 
   sample_images = pipeline.load_images(datasets.train, np.arange(min(16, len(datasets.train))),
                                        image_size=image_size)
@@ -461,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   writer = arcjax_logging.MetricWriter(workdir, config, start_step=start_step, enabled=primary)
   progress = arcjax_logging.Progress(steps, start_step, enabled=primary)
-  embed = _embed_fn(model)
+  embed = _embed_fn(make_model(config.model))
   device = jax.local_devices()[0]
 
   def variables_of(local: TrainState):
@@ -500,8 +512,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if record:
       record_angles(parallel.host_copy(state), 0)
   state = par.put_state(state)
-  step_fn = par.wrap(functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                       schedule=schedule, sharded_head=config.head.sharded))
   pending, rows, last_row = [], [], None
   eval_results: dict[str, dict[str, float]] = {}
   timer_step, timer = start_step, time.monotonic()

@@ -14,14 +14,12 @@ prints MFU = FLOPs/image × images/s / (peak × devices).
 """
 
 import argparse
-import functools
 import statistics
 import time
 
 import jax
 import numpy as np
 
-from arcjax import losses
 from arcjax import parallel
 from arcjax import train
 from configs import default
@@ -44,11 +42,8 @@ def _step_and_inputs(name: str, dtype: str, batch_per_device: int, classes: int)
       "image": rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
       "label": rng.integers(0, classes, batch_size).astype(np.int32)})
   state = train.create_train_state(config, jax.random.key(0), classes, shape)
-  state = par.put_state(parallel.replicate(state, parallel.make_mesh()))
-  step = par.wrap(functools.partial(
-      train.train_step, model=train.make_model(config.model),
-      tx=train.make_optimizer(config.train), loss_fn=losses.make_loss_fn(config.loss),
-      schedule=train.make_schedule(config.train)))
+  state = par.put_state(par.from_host(state))
+  step = train.make_train_step(config, par, classes)
   return step, state, batch, batch_size, shape
 
 

@@ -13,7 +13,6 @@ without Partial-FC sampling. Process 0 writes the final params and centres.
 import argparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -10,7 +10,6 @@ then runs `train.train_and_evaluate` on the default data, together, in
 OUT_DIR/run (pmap) and OUT_DIR/run_sharded (checkpoints written by both).
 """
 
-import functools
 import pathlib
 import sys
 
@@ -22,7 +21,7 @@ MODES = ("mesh", "pmap", "sharded")
 
 
 def _train_synthetic(mode: str, out_file: pathlib.Path) -> None:
-  from arcjax import heads, losses, parallel, train  # pylint: disable=import-outside-toplevel
+  from arcjax import losses, parallel, train  # pylint: disable=import-outside-toplevel
   from arcjax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
@@ -42,12 +41,7 @@ def _train_synthetic(mode: str, out_file: pathlib.Path) -> None:
   state = train.create_train_state(config, jax.random.key(0), NUM_CLASSES, IMAGE_SHAPE,
                                    num_shards=par.num_devices if sharded else 1)
   state = par.put_state(par.from_host(state))
-  loss_fn = losses.make_loss_fn(config.loss, heads.margin_term(
-      config.loss, config.head, NUM_CLASSES, par.axis_name))
-  step = par.wrap(functools.partial(
-      train.train_step, model=train.make_model(config.model, bn_axis_name=par.axis_name),
-      tx=train.make_optimizer(config.train), loss_fn=loss_fn,
-      schedule=train.make_schedule(config.train), sharded_head=sharded))
+  step = train.make_train_step(config, par, NUM_CLASSES)
   with pipeline.batches(source, global_batch_size=GLOBAL_BATCH, seed=0,
                         process_index=jax.process_index(),
                         process_count=jax.process_count()) as batches:

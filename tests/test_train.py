@@ -15,7 +15,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from arcjax import heads
 from arcjax import losses
 from arcjax import parallel
 from arcjax import train
@@ -49,15 +48,10 @@ def _train(config, mode: str, batches) -> tuple[train.TrainState, list[dict]]:
   """
   sharded = config.head.sharded
   par = parallel.parallel_for(mode, shard_head=sharded)
-  model = train.make_model(config.model, bn_axis_name=par.axis_name)
   state = train.create_train_state(config, jax.random.key(0), NUM_CLASSES, IMAGE_SHAPE,
                                    num_shards=par.num_devices if sharded else 1)
   state = par.put_state(par.from_host(state))
-  loss_fn = losses.make_loss_fn(config.loss, heads.margin_term(
-      config.loss, config.head, NUM_CLASSES, par.axis_name))
-  step = par.wrap(functools.partial(
-      train.train_step, model=model, tx=train.make_optimizer(config.train), loss_fn=loss_fn,
-      schedule=train.make_schedule(config.train), sharded_head=sharded))
+  step = train.make_train_step(config, par, NUM_CLASSES)
   history = []
   for batch in batches:
     state, metrics = step(state, par.put_batch(batch))
