@@ -99,19 +99,12 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 
 
 def place(tree: Any, shardings: Any) -> Any:
-  """Host values (equal on every process) → global arrays with `shardings` (a tree or one)."""
+  """Host values (equal on every process) → global arrays with `shardings` (a matching tree)."""
   def put(x, sharding):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-  if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: put(x, shardings), tree)
   return jax.tree.map(put, tree, shardings)
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Host values (equal on every process) → global arrays replicated over `mesh`."""
-  return place(tree, NamedSharding(mesh, P()))
 
 
 def host_copy(tree: Any) -> Any:

@@ -51,7 +51,7 @@ def test_split_for_pmap_shapes_and_error():
 def test_state_round_trips_through_every_mode(mode):
   par = parallel.parallel_for(mode)
   host = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.int32(7)}
-  state = par.put_state(parallel.replicate(host, parallel.make_mesh()))
+  state = par.put_state(par.from_host(host))
   if mode == "pmap":
     assert state["w"].shape == (8, 2, 3)
   local = par.local_state(state)
@@ -72,7 +72,7 @@ def test_wrapped_step_means_over_the_global_batch():
   batch = {"x": np.arange(16, dtype=np.float32)}
   for mode in parallel.MODES:
     par = parallel.parallel_for(mode)
-    state = par.put_state(parallel.replicate(np.float32(1.0), parallel.make_mesh()))
+    state = par.put_state(par.from_host(np.float32(1.0)))
     new_state, mean = par.wrap(step)(state, par.put_batch(batch))
     assert float(par.local_state(mean)) == pytest.approx(7.5), mode
     assert float(par.local_state(new_state)) == pytest.approx(8.5), mode
