@@ -1,0 +1,484 @@
+"""A run's workdir: its file names, atomic writes, the lock, config provenance, checkpoints.
+
+A run is its config plus its workdir. The workdir holds:
+
+  config.json           the run's whole config
+  config_history.jsonl  every accepted change of config.json on a resume, appended
+  lock                  who runs here now (one process at a time)
+  checkpoints/<step>/   orbax: the state (global arrays, as they lie on the devices) + meta
+  metrics.jsonl         one JSON row per write: {"step": N, name: value, ...}
+  angles/, histograms/, images/   θ records and what also goes to wandb
+  evaluations/          what `python -m arcjax.evaluate` wrote
+  angle_stats.json, results.json  written last
+
+A workdir is any path `etils.epath` reaches: a local folder (relative paths are
+taken from the current directory) or a bucket (`gs://bucket/run`). Every file a
+run reads or writes goes through this module. Nothing here imports JAX, so the
+launcher and `experiments.collect` stay cheap; orbax is imported where
+checkpoints are used.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Iterator, NamedTuple
+
+from etils import epath
+
+from arcjax import errors
+
+CONFIG = "config.json"
+CONFIG_HISTORY = "config_history.jsonl"
+LOCK = "lock"
+CHECKPOINTS = "checkpoints"
+DAMAGED_CHECKPOINTS = "checkpoints_damaged"
+METRICS = "metrics.jsonl"
+ANGLES = "angles"
+HISTOGRAMS = "histograms"
+IMAGES = "images"
+EVALUATIONS = "evaluations"
+ANGLE_STATS = "angle_stats.json"
+RESULTS = "results.json"
+LAUNCH_LOG = "launch.log"
+# Files that only a run's workdir holds: a folder with none of them is not a run.
+RUN_FILES = (RESULTS, CONFIG, METRICS, LAUNCH_LOG)
+
+_REMOTE_SCHEMES = ("gs://", "s3://")
+# Config fields that change only what is recorded, when, or on which devices — not the
+# trained parameters. A resume may change them; the change is still recorded.
+FREE_FIELDS = ("train.steps", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.max_param_norm", "train.parallel",
+               "head.sharded", "head.chunk_size", "eval", "angles", "wandb",
+               "data.max_pairs", "data.eval_bins", "data.stage_dir")
+_ABSENT = "<absent>"
+
+
+# --- Paths -------------------------------------------------------------------------
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` names cloud storage (gs://, s3://) rather than a local file."""
+  return os.fspath(path).startswith(_REMOTE_SCHEMES)
+
+
+def _gcs_credentials_hint() -> str | None:
+  """Why gs:// cannot work on this machine, found without any network traffic; None if it may."""
+  try:
+    import gcsfs  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return "the Python package gcsfs is not installed (pip install gcsfs)"
+  if os.environ.get("STORAGE_EMULATOR_HOST"):
+    return None
+  adc = pathlib.Path(os.environ.get("CLOUDSDK_CONFIG", "~/.config/gcloud")).expanduser()
+  if (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+      or (adc / "application_default_credentials.json").is_file()):
+    return None
+  try:
+    on_google_cloud = "Google" in pathlib.Path("/sys/class/dmi/id/product_name").read_text()
+  except OSError:
+    on_google_cloud = False
+  if on_google_cloud:
+    return None
+  return ("no Google Cloud credentials on this machine (set GOOGLE_APPLICATION_CREDENTIALS, "
+          "run `gcloud auth application-default login`, or run on a Google Cloud VM)")
+
+
+def as_path(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
+  """`path` as an epath: local paths absolute, cloud paths checked for reachability first.
+
+  Raises WorkdirError (one line) for a gs:// path this machine cannot reach,
+  before anything is written (never a local `gs:` folder).
+  """
+  text = os.fspath(path)
+  if not text:
+    raise errors.WorkdirError(f"the {what} path is empty")
+  if text.startswith("gs://"):
+    hint = _gcs_credentials_hint()
+    if hint is not None:
+      raise errors.WorkdirError(f"cannot use {what} {text}: {hint}")
+    return epath.Path(text)
+  if is_remote(text):
+    return epath.Path(text)
+  if "://" in text:
+    raise errors.WorkdirError(f"{what} {text}: unknown storage scheme (use a local path or gs://)")
+  return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def read_json(path: epath.Path) -> Any:
+  """The JSON value in `path`; WorkdirError naming the file if it is not UTF-8 JSON."""
+  try:
+    return json.loads(path.read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as error:
+    raise errors.WorkdirError(f"{path} is not UTF-8 text ({error.reason} at byte "
+                              f"{error.start})") from None
+  except json.JSONDecodeError as error:
+    raise errors.WorkdirError(f"{path} is not valid JSON: {error}") from None
+
+
+def write_text(path: epath.Path, text: str) -> None:
+  """Writes `text` to `path` whole: a reader sees the old file or the new one, never half.
+
+  Local files are written beside and renamed; a cloud object appears whole when
+  its upload completes.
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(path):
+    path.write_text(text)
+    return
+  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_json(path: epath.Path, value: Any) -> None:
+  """`value` as indented JSON, written whole (see `write_text`)."""
+  write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+# --- Config provenance -------------------------------------------------------------
+
+
+class Change(NamedTuple):
+  """One config field that differs: `free` if it does not change the trained parameters."""
+  field: str
+  stored: Any
+  requested: Any
+  free: bool
+
+
+def config_as_json(config: Any) -> dict[str, Any]:
+  """A ConfigDict (or a dict) as the JSON object config.json holds (tuples become lists)."""
+  if hasattr(config, "to_json_best_effort"):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + "."))
+    else:
+      flat[name] = value
+  return flat
+
+
+def is_free_field(field: str) -> bool:
+  """Whether `field` (dotted) changes nothing that is trained (see FREE_FIELDS)."""
+  return any(field == free or field.startswith(free + ".") for free in FREE_FIELDS)
+
+
+def config_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[Change]:
+  """The fields of two config.json objects that differ, in sorted order."""
+  old, new = _flatten(stored), _flatten(requested)
+  return [Change(field, old.get(field, _ABSENT), new.get(field, _ABSENT), is_free_field(field))
+          for field in sorted(old.keys() | new.keys())
+          if old.get(field, _ABSENT) != new.get(field, _ABSENT)]
+
+
+def describe_changes(changes: list[Change]) -> str:
+  """'train.lr: 0.1 → 0.5, seed: 0 → 7'."""
+  return ", ".join(f"{c.field}: {json.dumps(c.stored)} → {json.dumps(c.requested)}"
+                   for c in changes)
+
+
+def has_checkpoint(directory: epath.Path) -> bool:
+  """Whether the workdir holds at least one checkpoint step folder."""
+  folder = directory / CHECKPOINTS
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def record_config(directory: epath.Path, config: Any, *, allow_changes: bool = False) -> list[Change]:
+  """Writes config.json, refusing a change of a trained run's config unless allowed.
+
+  Compares `config` with the stored config.json before writing anything. Where
+  the workdir holds a checkpoint, a change in any field outside FREE_FIELDS
+  raises WorkdirError naming every such field with both values, unless
+  `allow_changes`. Every accepted change is appended to config_history.jsonl
+  (with the time and whether it needed permission), then config.json is
+  rewritten. Returns the changes.
+  """
+  requested = config_as_json(config)
+  config_path = directory / CONFIG
+  if not config_path.exists():
+    write_json(config_path, requested)
+    return []
+  changes = config_changes(read_json(config_path), requested)
+  if not changes:
+    return []
+  trained = [c for c in changes if not c.free]
+  if trained and has_checkpoint(directory) and not allow_changes:
+    raise errors.WorkdirError(
+        f"{directory} holds a run trained with another config: {describe_changes(trained)}; "
+        "run with --allow_config_change to continue it with the new values (recorded in "
+        f"{CONFIG_HISTORY}), or use a new workdir")
+  entry = {"time": _now(), "changes": [c._asdict() for c in changes],
+           "allowed_by_flag": bool(trained and has_checkpoint(directory))}
+  history = directory / CONFIG_HISTORY
+  previous = history.read_text() if history.exists() else ""
+  write_text(history, previous + json.dumps(entry) + "\n")
+  write_json(config_path, requested)
+  return changes
+
+
+def run_status(directory: epath.Path, requested: Any) -> tuple[str, list[Change]]:
+  """What a workdir holds against a requested config: (status, changes).
+
+  'new': no config.json; 'changed': a checkpointed run whose trained fields
+  differ; 'finished': results.json for the requested number of steps (free
+  fields may differ); 'unfinished': anything else (a resume continues it).
+  """
+  config_path = directory / CONFIG
+  if not config_path.exists():
+    return "new", []
+  requested = config_as_json(requested)
+  changes = config_changes(read_json(config_path), requested)
+  if any(not c.free for c in changes) and has_checkpoint(directory):
+    return "changed", changes
+  results_path = directory / RESULTS
+  if results_path.exists():
+    results = read_json(results_path)
+    if isinstance(results, dict) and results.get("step") == requested["train"]["steps"]:
+      return "finished", changes
+  return "unfinished", changes
+
+
+# --- The lock ------------------------------------------------------------------------
+
+
+def _now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _process_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class RunLock:
+  """One process runs in a workdir at a time; a second one is refused within seconds.
+
+  A local workdir is locked with `flock` on its `lock` file, which the kernel
+  releases when the holder dies however it dies: a stale lock is taken over at
+  once, with a message. A cloud workdir has no such lock: the holder rewrites
+  the file every `heartbeat_s` seconds, and a lock not rewritten for
+  `stale_after_s` (or held by a dead process on this host) is stale. The file
+  names the holder (host, pid, start time) for the refusal message.
+  """
+
+  def __init__(self, directory: epath.Path, *, heartbeat_s: float = 20.0,
+               stale_after_s: float = 90.0):
+    self.path = directory / LOCK
+    self._heartbeat_s, self._stale_after_s = heartbeat_s, stale_after_s
+    self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(),
+                   "id": uuid.uuid4().hex}
+    self._file = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _holder(self, text: str) -> dict[str, Any]:
+    try:
+      holder = json.loads(text)
+    except json.JSONDecodeError:
+      return {}
+    return holder if isinstance(holder, dict) else {}
+
+  def _refuse(self, holder: dict[str, Any]) -> errors.WorkdirError:
+    return errors.WorkdirError(
+        f"{self.path.parent} is in use by pid {holder.get('pid', '?')} on host "
+        f"{holder.get('host', '?')} since {holder.get('since', '?')}: one run per workdir "
+        "(wait for it, stop it, or use another workdir)")
+
+  def _note_takeover(self, holder: dict[str, Any]) -> None:
+    if holder and holder.get("id") != self._owner["id"]:
+      print(f"note: taking over the stale lock of {self.path.parent} (pid "
+            f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, since "
+            f"{holder.get('since', '?')}, no longer running)", flush=True)
+
+  def acquire(self) -> "RunLock":
+    """Takes the lock or raises WorkdirError naming its holder."""
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(self.path):
+      self._acquire_remote()
+    else:
+      self._acquire_local()
+    return self
+
+  def _acquire_local(self) -> None:
+    import fcntl  # pylint: disable=import-outside-toplevel
+    file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      file.seek(0)
+      holder = self._holder(file.read())
+      file.close()
+      raise self._refuse(holder) from None
+    file.seek(0)
+    self._note_takeover(self._holder(file.read()))
+    file.seek(0)
+    file.truncate()
+    file.write(json.dumps(self._owner) + "\n")
+    file.flush()
+    self._file = file
+
+  def _read_remote(self) -> dict[str, Any]:
+    try:
+      return self._holder(self.path.read_text())
+    except FileNotFoundError:
+      return {}
+
+  def _stale(self, holder: dict[str, Any]) -> bool:
+    if not holder:
+      return True
+    if holder.get("host") == self._owner["host"] and isinstance(holder.get("pid"), int):
+      if not _process_alive(holder["pid"]):
+        return True
+    return time.time() - holder.get("heartbeat", 0.0) > self._stale_after_s
+
+  def _write_remote(self) -> None:
+    self.path.write_text(json.dumps({**self._owner, "heartbeat": time.time()}) + "\n")
+
+  def _acquire_remote(self) -> None:
+    holder = self._read_remote()
+    if not self._stale(holder):
+      raise self._refuse(holder)
+    self._note_takeover(holder)
+    self._write_remote()
+    time.sleep(min(1.0, self._heartbeat_s))  # a racing writer shows up in the re-read
+    if self._read_remote().get("id") != self._owner["id"]:
+      raise self._refuse(self._read_remote())
+    self._thread = threading.Thread(target=self._beat, name="arcjax-lock", daemon=True)
+    self._thread.start()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self._heartbeat_s):
+      with contextlib.suppress(OSError):
+        self._write_remote()
+
+  def release(self) -> None:
+    """Gives the lock up (a no-op if not held)."""
+    if self._file is not None:
+      self._file.close()  # closing the descriptor releases the flock
+      self._file = None
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+      with contextlib.suppress(OSError):
+        if self._read_remote().get("id") == self._owner["id"]:
+          self.path.unlink()
+
+
+@contextlib.contextmanager
+def locked(directory: epath.Path, enabled: bool = True) -> Iterator[RunLock | None]:
+  """Holds the workdir's RunLock for the body (only where `enabled`: the first process)."""
+  if not enabled:
+    yield None
+    return
+  lock = RunLock(directory).acquire()
+  try:
+    yield lock
+  finally:
+    lock.release()
+
+
+# --- Checkpoints ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Checkpoints:
+  """The orbax checkpoints of a workdir: `state` (a pytree of global arrays) and `meta` (JSON).
+
+  Saves the state as it lies on the devices (no host copy, no gather of a
+  sharded leaf); restores onto any device count: leaves marked resizable (the
+  class-centre rows) are padded with zeros or cut to the requested shape.
+  A damaged or partial checkpoint is moved aside to `checkpoints_damaged/` and
+  the next older one is tried.
+  """
+  directory: epath.Path
+  keep: int = 2
+
+  def __post_init__(self):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    self._ocp = ocp
+    self._manager = ocp.CheckpointManager(
+        self.directory / CHECKPOINTS,
+        options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Starts writing checkpoint `step` (asynchronously; `wait` or `close` to finish)."""
+    self._manager.save(step, args=self._ocp.args.Composite(
+        state=self._ocp.args.PyTreeSave(state), meta=self._ocp.args.JsonSave(meta)))
+
+  def _restore(self, step: int, abstract_state: Any, resizable: Any) -> tuple[Any, dict]:
+    import jax  # pylint: disable=import-outside-toplevel
+    ocp = self._ocp
+
+    def args(leaf, resize):
+      return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape,
+                                  strict=not resize)
+
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=abstract_state,
+            restore_args=jax.tree.map(args, abstract_state, resizable)),
+        meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def restore_latest(self, abstract_state: Any, resizable: Any, *,
+                     primary: bool = True) -> tuple[Any, dict] | None:
+    """(state, meta) of the newest checkpoint that restores; None if there is none.
+
+    `abstract_state`: jax.ShapeDtypeStruct leaves with their shardings;
+    `resizable`: a matching tree of bools. Damaged checkpoints are named on
+    stdout and moved aside (by the first process); raises WorkdirError when
+    every checkpoint is damaged.
+    """
+    damaged = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self._restore(step, abstract_state, resizable)
+      except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        damaged.append(f"{step} ({reason})")
+        print(f"note: checkpoint {step} in {self.directory / CHECKPOINTS} cannot be "
+              f"restored ({reason}); trying an older one", flush=True)
+        if primary:
+          self._move_aside(step)
+    if damaged:
+      raise errors.WorkdirError(f"no checkpoint in {self.directory / CHECKPOINTS} restores: "
+                                + "; ".join(damaged))
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    source = self.directory / CHECKPOINTS / str(step)
+    target = self.directory / DAMAGED_CHECKPOINTS / f"{step}-{int(time.time())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    self._manager.reload()
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
