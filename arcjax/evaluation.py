@@ -307,20 +307,22 @@ def identification_rank1(gallery_emb: np.ndarray, gallery_labels: np.ndarray,
 
 
 def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, *,
-                 batch_size: int) -> np.ndarray:
-  """Flip-fused embeddings of uint8 images, in batches of one fixed shape.
+                 batch_size: int, flip: bool) -> np.ndarray:
+  """Embeddings of uint8 images as unit rows, in batches of one fixed shape.
 
   Args:
     embed_fn: uint8 (B, H, W, C) -> (B, d), e.g. a jitted model apply that
-      normalises the images itself. Called on each batch and on its
-      horizontal flip; always with B = `batch_size` (the last batch is padded
-      with black images, whose embeddings are dropped), so a jitted function
-      compiles once.
+      normalises the images itself. Always called with B = `batch_size` (the
+      last batch is padded with black images, whose embeddings are dropped), so
+      a jitted function compiles once.
     images: (N, H, W, C) uint8.
     batch_size: images per call.
+    flip: also embed each horizontal flip and fuse the two (`fuse_flip`), as
+      insightface evaluates faces; False for data whose mirror image is another
+      identity (a mirrored character is another character).
 
   Returns:
-    (N, d) float64, `fuse_flip` of the two embeddings of each image.
+    (N, d) float64 unit rows.
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[0] == 0:
@@ -329,38 +331,69 @@ def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarra
     raise ValueError(f"images must be uint8, got dtype {images.dtype}")
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-  num = images.shape[0]
-  plain, flipped = [], []
-  for start in range(0, num, batch_size):
+  views = [lambda batch: batch]
+  if flip:
+    views.append(lambda batch: np.ascontiguousarray(batch[:, :, ::-1]))
+  outputs = [[] for _ in views]
+  for start in range(0, images.shape[0], batch_size):
     batch = images[start:start + batch_size]
     count = batch.shape[0]
     if count < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - count,) + batch.shape[1:],
                                               np.uint8)])
-    for out, view in ((plain, batch), (flipped, np.ascontiguousarray(batch[:, :, ::-1]))):
-      emb = np.asarray(embed_fn(view))
+    for out, view in zip(outputs, views):
+      emb = np.asarray(embed_fn(view(batch)))
       if emb.ndim != 2 or emb.shape[0] != batch_size:
         raise ValueError(f"embed_fn must map ({batch_size}, H, W, C) images to "
                          f"({batch_size}, d) embeddings, got shape {emb.shape}")
       out.append(emb[:count])
-  return fuse_flip(np.concatenate(plain), np.concatenate(flipped))
+  if flip:
+    return fuse_flip(np.concatenate(outputs[0]), np.concatenate(outputs[1]))
+  return unit_rows(np.concatenate(outputs[0]), "embeddings")
 
 
-def embed_pairs(embed_fn: Callable[[np.ndarray], np.ndarray], images1: np.ndarray,
-                images2: np.ndarray, *, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Flip-fused embeddings of both sides of P image pairs (see `embed_images`).
+# The scalars of `verify` that a run records for each verification set.
+_SUMMARY = ("accuracy", "accuracy_std", "threshold", "auc")
 
-  Args:
-    embed_fn: uint8 (B, H, W, C) -> (B, d).
-    images1, images2: (P, H, W, C) uint8; pair i is (images1[i], images2[i]).
-    batch_size: images per call of `embed_fn`.
 
-  Returns:
-    (embeddings1, embeddings2): (P, d) float64 unit rows each, for `verify`.
+def verification_summary(verified: dict) -> dict[str, float]:
+  """The scalars of a `verify` result, flattened: accuracy, accuracy_std, threshold, auc,
+  VAL@FAR and its FAR, and tar_at_far_<far> for each FAR."""
+  summary = {key: verified[key] for key in _SUMMARY}
+  summary.update({key: value for key, value in verified.items()
+                  if key.startswith(("val_at_far", "far_at_val"))})
+  summary.update({f"tar_at_far_{far}": tar for far, tar in verified["tar_at_far"].items()})
+  return summary
+
+
+def _cell(value: float | None, scale: float = 100.0, digits: int = 2) -> str:
+  return "–" if value is None else f"{scale * value:.{digits}f}"
+
+
+def format_table(results: dict[str, dict[str, float]],
+                 baseline: dict[str, dict[str, float]] | None = None) -> str:
+  """The verification table researchers compare with papers: a row per set.
+
+  `results`: {set: `verification_summary`}; `baseline`: {set: the raw pixels' scores},
+  shown in a column of its own. A set at 50 % ± 0 whose AUC says the model
+  has learnt something gets a note on why (insightface's threshold grid).
   """
-  images1, images2 = np.asarray(images1), np.asarray(images2)
-  if images1.shape[:1] != images2.shape[:1]:
-    raise ValueError(f"images1 and images2 must hold the same number of images, got "
-                     f"shapes {images1.shape} and {images2.shape}")
-  return (embed_images(embed_fn, images1, batch_size=batch_size),
-          embed_images(embed_fn, images2, batch_size=batch_size))
+  val, tar = f"val_at_far_{far_key(1e-3)}", f"tar_at_far_{far_key(1e-4)}"
+  header = f"  {'set':<14} {'accuracy (%)':>16} {'AUC':>7} {'VAL@FAR=1e-3':>13} {'TAR@FAR=1e-4':>13}"
+  if baseline:
+    header += f" {'raw pixels (%)':>15}"
+  lines = [header]
+  notes = []
+  for name, r in results.items():
+    line = (f"  {name:<14} {_cell(r['accuracy']):>7} ± {_cell(r['accuracy_std']):<6} "
+            f"{_cell(r['auc'], 1, 4):>7} {_cell(r.get(val)):>13} {_cell(r.get(tar)):>13}")
+    if baseline and name in baseline:
+      line += f" {_cell(baseline[name]['accuracy']):>15}"
+    lines.append(line)
+    if r["accuracy"] == 0.5 and r["accuracy_std"] == 0.0 and r["auc"] > 0.6:
+      notes.append(
+          f"  note: {name} is at 50 % ± 0 but its AUC is {r['auc']:.3f}: every pair's distance is "
+          f"below {_ACCURACY_THRESHOLD_STEP}, the first threshold of insightface's grid, so "
+          "every pair is called 'same' (embeddings still close together early in training); "
+          "AUC, which needs no threshold, shows what the model has learnt")
+  return "\n".join(lines + notes)

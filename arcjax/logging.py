@@ -1,7 +1,7 @@
 """One metric writer (wandb + files in the workdir) and the terminal progress bar.
 
-Files the notebooks and `experiments.collect` read:
-  workdir/metrics.jsonl                      one JSON object per write: {"step": N, name: value}
+Files the notebooks and `experiments.collect` read (names in `arcjax.workdir`):
+  workdir/metrics.jsonl                      one JSON object per row: {"step": N, name: value}
   workdir/histograms/<name>_step{N:08d}.npz  counts (bins,), edges (bins + 1,)
   workdir/images/<name>_step{N:08d}.npz      images (N, H, W, C) uint8
 wandb runs offline (files under workdir/wandb, `wandb sync` later) unless
@@ -12,23 +12,26 @@ never needs a login or a network otherwise.
 import json
 import math
 import os
-import pathlib
 import re
+import time
 from typing import Any, Mapping
 
+from etils import epath
 import ml_collections
 import numpy as np
 import tqdm
 
+from arcjax import errors
+from arcjax import workdir
+
 WANDB_MODES = ("offline", "online", "disabled")
-METRICS_FILE = "metrics.jsonl"
 
 
 def wandb_mode(config_mode: str) -> str:
   """The wandb mode: WANDB_MODE if set (it wins, as in wandb itself), else `config_mode`."""
   mode = os.environ.get("WANDB_MODE") or config_mode
   if mode not in WANDB_MODES:
-    raise ValueError(f"wandb mode {mode!r} (from "
+    raise errors.ConfigError(f"wandb mode {mode!r} (from "
                      f"{'WANDB_MODE' if os.environ.get('WANDB_MODE') else 'config.wandb.mode'}) "
                      f"is not one of {WANDB_MODES}")
   return mode
@@ -49,56 +52,99 @@ def _json_value(value: Any) -> Any:
   return value
 
 
-def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-  """The rows of workdir/metrics.jsonl, in order."""
-  path = pathlib.Path(workdir) / METRICS_FILE
+def check_config(wandb_config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a `config.wandb.mode` wandb does not know."""
+  if wandb_config.mode not in WANDB_MODES:
+    raise errors.ConfigError(f"config.wandb.mode must be one of {WANDB_MODES}, "
+                             f"got {wandb_config.mode!r}")
+
+
+def read_metrics(directory: str | os.PathLike) -> list[dict[str, Any]]:
+  """The rows of `directory`/metrics.jsonl, in order (a line cut short is skipped)."""
+  path = workdir.as_path(directory) / workdir.METRICS
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), int):
+      rows.append(row)
+  return rows
 
 
 class MetricWriter:
-  """Scalars, histograms and images to wandb and to files in `workdir`.
+  """Scalars, histograms and images to wandb and to files in the workdir.
+
+  metrics.jsonl is rewritten whole at each flush (atomically, see
+  `workdir.write_text`): after every row in a local workdir, at most every
+  `remote_flush_s` seconds in a bucket (whose objects cannot be appended to),
+  and at every `flush()` — the trainer flushes before each checkpoint, so the
+  rows of a step are on disk before the checkpoint of that step.
 
   Args:
-    workdir: the run's directory.
+    directory: the run's workdir (`workdir.as_path`).
     config: the run's config (sent to wandb; `config.wandb.mode` and `.project`).
-    start_step: the step the run (re)starts from: rows of metrics.jsonl after
-      it, written by a run that was killed before its next checkpoint, are
-      dropped, so a resumed run leaves one row per step.
+    keep_through_step: rows of an earlier start with a step up to this one are
+      kept (the step of the checkpoint the run resumes from), later ones dropped,
+      so that a resumed run holds each (step, metric) once; None keeps none.
     enabled: False on every process but the first of a multi-host run.
   """
 
-  def __init__(self, workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
-               start_step: int = 0, enabled: bool = True):
-    self._workdir = pathlib.Path(workdir)
+  def __init__(self, directory: epath.Path, config: ml_collections.ConfigDict, *,
+               keep_through_step: int | None = None, enabled: bool = True,
+               remote_flush_s: float = 30.0):
+    self._directory = directory
     self._enabled = enabled
     self._run = None
+    self._flush_s = remote_flush_s if workdir.is_remote(directory) else 0.0
+    self._flushed = 0.0
+    self.rows: list[dict[str, Any]] = []
     if not enabled:
       return
-    self._workdir.mkdir(parents=True, exist_ok=True)
-    kept = [row for row in read_metrics(self._workdir) if row["step"] <= start_step]
-    with open(self._workdir / METRICS_FILE, "w") as f:
-      f.writelines(json.dumps(row) + "\n" for row in kept)
+    if keep_through_step is not None:
+      self.rows = [row for row in read_metrics(directory) if row["step"] <= keep_through_step]
+    self.flush()
     mode = wandb_mode(config.wandb.mode)
     if mode != "disabled":
       import wandb  # pylint: disable=import-outside-toplevel  (slow import, unneeded when disabled)
-      resolved = self._workdir.resolve()
+      # wandb writes local files; a bucket workdir keeps them in ./wandb.
+      local = "wandb" if workdir.is_remote(directory) else os.fspath(directory)
       # A fresh wandb run per start, named after the workdir: after a SIGKILL the old
       # run's id can stay held by its orphaned wandb service.
-      self._run = wandb.init(project=config.wandb.project, dir=str(resolved), mode=mode,
-                             name=resolved.name, config=config.to_dict(),
+      self._run = wandb.init(project=config.wandb.project, dir=local, mode=mode,
+                             name=directory.name, config=config.to_dict(),
                              settings=wandb.Settings(console="off", silent=True))
+
+  def flush(self) -> None:
+    """Writes metrics.jsonl with every row so far."""
+    if self._enabled:
+      workdir.write_text(self._directory / workdir.METRICS,
+                         "".join(json.dumps(row) + "\n" for row in self.rows))
+      self._flushed = time.monotonic()
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """One row `{"step": step, **scalars}` of Python numbers (NaN/inf written as strings)."""
     if not self._enabled:
       return
     row = {"step": int(step), **{name: _json_value(value) for name, value in scalars.items()}}
-    with open(self._workdir / METRICS_FILE, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    self.rows.append(row)
+    if time.monotonic() - self._flushed >= self._flush_s:
+      self.flush()
     if self._run is not None:
       self._run.log({name: value for name, value in row.items() if name != "step"}, step=int(step))
+
+  def has(self, step: int, name: str) -> bool:
+    """Whether a row of `step` holds `name` (a resumed run writes each (step, name) once)."""
+    return any(row["step"] == step and name in row for row in self.rows)
+
+  def _save_npz(self, folder: str, name: str, step: int, **arrays) -> None:
+    path = self._directory / folder / f"{_file_name(name)}_step{int(step):08d}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+      np.savez(f, **arrays)
 
   def write_histogram(self, step: int, name: str, values: np.ndarray, *,
                       bins: int | np.ndarray = 90) -> None:
@@ -106,9 +152,7 @@ class MetricWriter:
     if not self._enabled:
       return
     counts, edges = np.histogram(np.asarray(values), bins=bins)
-    path = self._workdir / "histograms" / f"{_file_name(name)}_step{int(step):08d}.npz"
-    path.parent.mkdir(exist_ok=True)
-    np.savez(path, counts=counts, edges=edges)
+    self._save_npz(workdir.HISTOGRAMS, name, step, counts=counts, edges=edges)
     if self._run is not None:
       import wandb  # pylint: disable=import-outside-toplevel
       self._run.log({name: wandb.Histogram(np_histogram=(counts, edges))}, step=int(step))
@@ -122,15 +166,14 @@ class MetricWriter:
       if batch.ndim != 4 or batch.dtype != np.uint8 or batch.shape[-1] not in (1, 3):
         raise ValueError(f"images {name!r} must be (N, H, W, 1 or 3) uint8, got "
                          f"{batch.dtype} {batch.shape}")
-      path = self._workdir / "images" / f"{_file_name(name)}_step{int(step):08d}.npz"
-      path.parent.mkdir(exist_ok=True)
-      np.savez(path, images=batch)
+      self._save_npz(workdir.IMAGES, name, step, images=batch)
       if self._run is not None:
         import wandb  # pylint: disable=import-outside-toplevel
         self._run.log({name: [wandb.Image(image) for image in batch]}, step=int(step))
 
   def close(self) -> None:
-    """Finishes the wandb run (its files are complete after this)."""
+    """Flushes the rows and finishes the wandb run (its files are complete after this)."""
+    self.flush()
     if self._run is not None:
       self._run.finish()
       self._run = None

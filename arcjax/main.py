@@ -1,15 +1,21 @@
 """Trains and evaluates one run: a config plus a workdir.
 
   python -m arcjax.main --config=configs/default.py --workdir=runs/default \
-      [--config.train.steps=2000 ...]
+      [--config.train.steps=2000 ...] [--allow_config_change] [--traceback]
 
 `--config=FILE[:ARG]` names a config file whose `get_config(ARG)` builds the
 run; `--config.a.b=value` overrides a field. Unknown keys, values of the wrong
 type and out-of-range values stop here, before anything is compiled. The same
-command, run again, resumes from the workdir's latest checkpoint. A
+command, run again, resumes from the workdir's newest complete checkpoint; a
+changed config is refused there unless --allow_config_change (recorded in
+config_history.jsonl). The workdir may be local or in a bucket (gs://…). A
 multi-host run passes --coordinator_address, --num_processes and --process_id
 (or sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or
---distributed_auto on a TPU pod or SLURM.
+--distributed_auto on a TPU pod or under SLURM.
+
+Every expected failure ends as one line `error: …` and a non-zero exit (130 on
+Ctrl-C, 143 on SIGTERM, after saving a checkpoint); --traceback shows the
+Python traceback too.
 """
 
 import sys
@@ -19,11 +25,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from arcjax import parallel
-from arcjax import train
+from arcjax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (local or gs://).")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a trained run with a config that changes what is trained (recorded).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of expected errors too.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
@@ -52,19 +61,18 @@ def main(argv: list[str]) -> None:
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  try:
-    train.validate_config(config)
-  except ValueError as error:
-    sys.exit(f"bad config: {error}")
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                  auto=_AUTO.value)
-  results = train.train_and_evaluate(config, _WORKDIR.value)
-  for name, scalars in results["eval"].items():
-    pixels = results["pixel_baseline"][name]
-    print(f"final {name}: verification accuracy {scalars['accuracy']:.4f} ± "
-          f"{scalars['accuracy_std']:.4f}, AUC {scalars['auc']:.4f} (raw pixels: accuracy "
-          f"{pixels['accuracy']:.4f}, AUC {pixels['auc']:.4f})")
-  print(f"results: {_WORKDIR.value}/results.json")
+  with errors.report_errors(traceback=_TRACEBACK.value):
+    # Imported here: a mistyped flag is reported above without loading JAX's stack.
+    from arcjax import evaluation, sharding, train  # pylint: disable=import-outside-toplevel
+    train.check_config(config)
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    auto=_AUTO.value)
+    results = train.train_and_evaluate(config, _WORKDIR.value,
+                                       allow_config_change=_ALLOW_CHANGE.value)
+  if results["eval"]:
+    print(f"final verification (step {results['step']}):")
+    print(evaluation.format_table(results["eval"], results["pixel_baseline"]))
+  print(f"results: {_WORKDIR.value.rstrip('/')}/results.json")
 
 
 if __name__ == "__main__":

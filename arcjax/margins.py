@@ -8,7 +8,7 @@ scatter), never on the whole `B×C` matrix.
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +16,17 @@ import numpy as np
 
 Gradient = Literal["exact", "straight_through"]
 GRADIENTS = ("exact", "straight_through")
+# cos_y (R,) -> (target logit ψ (R,), dψ/dcos_y (R,)): a margin as the head takes it.
+MarginFn = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
-# cos θ is clipped to [-1 + _EPS, 1 - _EPS] before arccos: d arccos(c)/dc is
+# cos θ is clipped to [-1 + COS_EPS, 1 - COS_EPS] before arccos: d arccos(c)/dc is
 # infinite at |c| = 1, and so is d cos(m1·arccos(c) + m2)/dc when m2 > 0.
-_EPS = 1e-6
+COS_EPS = 1e-6
+
+
+def angle(cos: jax.Array) -> jax.Array:
+  """θ = arccos(cos) in radians, with cos clipped so that the gradient stays finite."""
+  return jnp.arccos(jnp.clip(cos, -1.0 + COS_EPS, 1.0 - COS_EPS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +120,55 @@ def check_labels(labels, num_classes: int) -> None:
         f"({bad.size} labels out of range)")
 
 
+def logit_and_slope(cos_y: jax.Array, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, *,
+                    gradient: Gradient = "exact") -> tuple[jax.Array, jax.Array]:
+  """The target logit ψ(arccos(cos_y)) and its slope dψ/dcos_y, elementwise, float32.
+
+  'straight_through' keeps the value and reports slope 1 (the plain cos θ's
+  backward), as insightface's arcface_torch does.
+  """
+  cos_y = cos_y.astype(jnp.float32)
+  if (m1, m2, m3) == (1.0, 0.0, 0.0):
+    return cos_y, jnp.ones_like(cos_y)
+  margin_fn = lambda c: target_logit(angle(c), m1, m2, m3)
+  if gradient == "straight_through":
+    return margin_fn(cos_y), jnp.ones_like(cos_y)
+  return jax.jvp(margin_fn, (cos_y,), (jnp.ones_like(cos_y),))
+
+
+def warmup_strength(step: jax.Array, warmup_steps: int) -> jax.Array:
+  """Margin strength α = min(1, step / warmup_steps) of the update numbered `step` (from 1).
+
+  α = 1 (the full margin) from step `warmup_steps` on, and at every step when
+  `warmup_steps` is 0.
+  """
+  if not warmup_steps:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup_steps)
+
+
+def make_margin(m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, *,
+                gradient: Gradient = "exact", strength: jax.Array | float = 1.0) -> MarginFn:
+  """The margin cos(m1·θ + m2) − m3 as a `MarginFn`, annealed by `strength` α ∈ [0, 1].
+
+      ψ_α(θ) = (1 − α)·cos θ + α·ψ(θ)
+
+  α = 1 is the margin itself, α = 0 the plain normalised softmax: SphereFace's
+  annealing (λ cos θ + ψ(θ)) / (1 + λ) with λ = (1 − α) / α, so that a large
+  margin can be reached gradually (`warmup_strength`). α may be a traced value.
+  """
+  validate_margin(1.0, m1, m2, m3, gradient)
+
+  def margin(cos_y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logit, slope = logit_and_slope(cos_y, m1, m2, m3, gradient=gradient)
+    if isinstance(strength, (int, float)) and strength == 1.0:
+      return logit, slope
+    cos_y = cos_y.astype(jnp.float32)
+    return cos_y + strength * (logit - cos_y), 1.0 + strength * (slope - 1.0)
+
+  return margin
+
+
 def combined_margin(cos_theta: jax.Array, labels: jax.Array, m1: float = 1.0,
                     m2: float = 0.0, m3: float = 0.0, *,
                     gradient: Gradient = "exact") -> jax.Array:
@@ -144,13 +200,6 @@ def combined_margin(cos_theta: jax.Array, labels: jax.Array, m1: float = 1.0,
                          gradient == "straight_through")
 
 
-def _margin_of_cosine(cos_y: jax.Array, m1: float, m2: float,
-                      m3: float) -> jax.Array:
-  """ψ(arccos(cos_y)), elementwise."""
-  theta = jnp.arccos(jnp.clip(cos_y, -1.0 + _EPS, 1.0 - _EPS))
-  return target_logit(theta, m1, m2, m3)
-
-
 def _is_target(labels: jax.Array, num_classes: int) -> jax.Array:
   return jnp.arange(num_classes)[None, :] == labels[:, None]
 
@@ -164,12 +213,9 @@ def _replace_target(cos_theta, labels, m1, m2, m3, straight_through):
 
 
 def _replace_target_fwd(cos_theta, labels, m1, m2, m3, straight_through):
-  cos_y = cos_theta[jnp.arange(labels.shape[0]), labels]
-  margin_fn = functools.partial(_margin_of_cosine, m1=m1, m2=m2, m3=m3)
-  if straight_through:
-    logit_y, slope = margin_fn(cos_y), jnp.ones_like(cos_y)
-  else:
-    logit_y, slope = jax.jvp(margin_fn, (cos_y,), (jnp.ones_like(cos_y),))
+  cos_y = cos_theta[jnp.arange(labels.shape[0]), labels]  # a gather: its backward is ours
+  logit_y, slope = logit_and_slope(
+      cos_y, m1, m2, m3, gradient="straight_through" if straight_through else "exact")
   out = jnp.where(_is_target(labels, cos_theta.shape[1]), logit_y[:, None], cos_theta)
   return out, (labels, slope)
 

@@ -387,16 +387,30 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def locked(directory: epath.Path, enabled: bool = True) -> Iterator[RunLock | None]:
-  """Holds the workdir's RunLock for the body (only where `enabled`: the first process)."""
-  if not enabled:
-    yield None
-    return
-  lock = RunLock(directory).acquire()
+def open_run(directory: epath.Path, config: Any, *, allow_changes: bool = False,
+             primary: bool = True, agree=lambda ok: ok) -> Iterator[None]:
+  """Holds the workdir for a run: its lock, then config.json checked and written (`record_config`).
+
+  Only the `primary` process (the first of a multi-host run) touches the files;
+  `agree(ok) -> ok of the primary` lets every process learn whether it
+  succeeded (a broadcast), so that all stop together when it did not.
+  """
+  lock, error = None, None
+  if primary:
+    try:
+      lock = RunLock(directory).acquire()
+      record_config(directory, config, allow_changes=allow_changes)
+    except errors.Error as caught:
+      error = caught
+  if not agree(error is None) and error is None:
+    error = errors.WorkdirError(f"the first process could not open {directory} (see its message)")
   try:
-    yield lock
+    if error is not None:
+      raise error
+    yield
   finally:
-    lock.release()
+    if lock is not None:
+      lock.release()
 
 
 # --- Checkpoints ----------------------------------------------------------------------
@@ -420,7 +434,9 @@ class Checkpoints:
     self._ocp = ocp
     self._manager = ocp.CheckpointManager(
         self.directory / CHECKPOINTS,
-        options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -469,6 +485,33 @@ class Checkpoints:
       raise errors.WorkdirError(f"no checkpoint in {self.directory / CHECKPOINTS} restores: "
                                 + "; ".join(damaged))
     return None
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore_arrays(self, step: int, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict]:
+    """(the state's entries `keys` as NumPy arrays, meta) of checkpoint `step`, on this host.
+
+    For inference: reads only those entries (not the optimiser state), whatever
+    device layout they were saved from.
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    ocp = self._ocp
+    tree = self._manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    missing = [key for key in keys if key not in tree]
+    if missing:
+      raise errors.WorkdirError(f"checkpoint {step} in {self.directory / CHECKPOINTS} has no "
+                                f"{missing}")
+    wanted = {key: tree[key] for key in keys}
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted),
+            restore_args=jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+            partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
 
   def _move_aside(self, step: int) -> None:
     source = self.directory / CHECKPOINTS / str(step)

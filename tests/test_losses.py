@@ -7,6 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ml_collections
+
+from arcjax import head as head_lib
 from arcjax import losses, margins
 
 B, D, C = 12, 16, 9
@@ -158,6 +161,29 @@ def test_triplet_loss_is_zero_when_classes_are_separated_by_the_margin():
   np.testing.assert_allclose(float(value), 0.15, rtol=1e-5)
 
 
+def _loss_fn(config, num_classes=C):
+  head_config = ml_collections.ConfigDict(dict(sharded=False, sample_rate=1.0, chunk_size=0))
+  return losses.make_loss_fn(config, head_lib.margin_term(config, head_config, num_classes),
+                             num_classes)
+
+
+def test_inter_loss_cosine_form_is_insightfaces_mean_cosine():
+  """Three unit centres at 0°, 90°, 180° in the plane: hand-computed mean cosines."""
+  w = jnp.asarray([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+  # Row of class 0: cosines (1, 0, −1), mean 0; class 1: (0, 1, 0), mean 1/3.
+  np.testing.assert_allclose(float(losses.inter_loss(w, jnp.asarray([0, 1]), "cosine")),
+                             (0.0 + 1 / 3) / 2, rtol=1e-6)
+  # The paper's form: −1/(π(C−1)) Σ_{j≠y} angle; class 0: (π/2 + π), class 1: (π/2 + π/2)
+  # (the antipodal pair's cosine is clipped to −1 + 1e-6 before arccos: 1.4e-3 rad short).
+  np.testing.assert_allclose(float(losses.inter_loss(w, jnp.asarray([0, 1]), "angle")),
+                             -((1.5 * math.pi + math.pi) / 2) / (2 * math.pi), atol=5e-4)
+  # Zero padding rows past num_classes change neither form.
+  padded = jnp.pad(w, ((0, 2), (0, 0)))
+  for form in losses.INTER_FORMS:
+    np.testing.assert_allclose(float(losses.inter_loss(padded, jnp.asarray([0, 1]), form, 3)),
+                               float(losses.inter_loss(w, jnp.asarray([0, 1]), form)), rtol=1e-6)
+
+
 @pytest.mark.parametrize("preset, weights", [
     ("softmax", {}),
     ("norm_softmax", {}),
@@ -180,7 +206,7 @@ def test_composite_loss_is_the_weighted_sum_of_its_terms(preset, weights):
   head = {"centres": jnp.asarray(w)}
   if config.bias:
     head["bias"] = jnp.asarray(rng.normal(size=C))
-  loss, aux = losses.make_loss_fn(config)(jnp.asarray(x), head, jnp.asarray(y))
+  loss, aux = _loss_fn(config)(jnp.asarray(x), head, jnp.asarray(y))
   theta = np.arccos(np.sum(_normalize(x) * _normalize(w)[y], axis=1))
   expected = 0.0
   if config.softmax_weight:
@@ -208,10 +234,13 @@ def test_composite_loss_is_the_weighted_sum_of_its_terms(preset, weights):
     (dict(softmax_weight=0.0), "every loss weight is 0"),
     (dict(bias=True), "normalize=False"),
     (dict(gradient="none"), "'none'"),
+    (dict(inter_form="sine"), "inter_form"),
+    (dict(margin_warmup_steps=-1), "margin_warmup_steps"),
+    (dict(s=float("inf")), "finite"),
 ])
 def test_bad_loss_configs_raise_before_compiling(overrides, message):
   with pytest.raises(ValueError, match=message):
-    losses.make_loss_fn(losses.loss_config("arcface", **overrides))
+    _loss_fn(losses.loss_config("arcface", **overrides))
 
 
 def test_bad_shapes_and_labels_raise():

@@ -208,3 +208,35 @@ def test_labels_outside_the_classes_raise(bad_label):
 def test_shape_mismatch_raises():
   with pytest.raises(ValueError, match=r"\(2, 3\) and \(3,\)"):
     margins.combined_margin(jnp.zeros((2, 3)), jnp.zeros(3, jnp.int32), m2=0.5)
+
+
+def test_logit_and_slope_match_float64_finite_differences():
+  cos = np.linspace(-0.95, 0.95, 41)
+  for name in ("sphereface", "cosface", "arcface", "cm1", "cm2"):
+    p = margins.get_preset(name)
+    logit, slope = margins.logit_and_slope(jnp.asarray(cos, jnp.float32), p.m1, p.m2, p.m3)
+
+    def psi(c, p=p):  # the monotone-extended margin in float64, written out here
+      phi = p.m1 * np.arccos(c) + p.m2
+      k = np.floor(phi / np.pi)
+      return (-1.0) ** k * np.cos(phi) - 2 * k - p.m3
+
+    np.testing.assert_allclose(np.asarray(logit), psi(cos), atol=1e-5, err_msg=name)
+    h = 1e-6
+    numeric = (psi(cos + h) - psi(cos - h)) / (2 * h)
+    np.testing.assert_allclose(np.asarray(slope), numeric, rtol=1e-3, atol=1e-3, err_msg=name)
+  _, straight = margins.logit_and_slope(jnp.asarray(cos), m2=0.5, gradient="straight_through")
+  np.testing.assert_array_equal(np.asarray(straight), 1.0)
+
+
+def test_warmup_reaches_the_full_margin_at_the_stated_step():
+  """α = min(1, step / W) for the update numbered `step` from 1: α = 1 from step W on."""
+  got = [float(margins.warmup_strength(step, 100)) for step in (1, 50, 99, 100, 101, 5000)]
+  np.testing.assert_allclose(got, [0.01, 0.5, 0.99, 1.0, 1.0, 1.0], rtol=1e-6)
+  assert float(margins.warmup_strength(7, 0)) == 1.0  # no warm-up: the full margin at once
+  cos = jnp.asarray([0.9, 0.2, -0.6])
+  full = margins.make_margin(m2=0.5)(cos)
+  for alpha in (0.0, 0.25, 1.0):
+    logit, slope = margins.make_margin(m2=0.5, strength=jnp.float32(alpha))(cos)
+    np.testing.assert_allclose(logit, (1 - alpha) * cos + alpha * full[0], rtol=1e-6)
+    np.testing.assert_allclose(slope, (1 - alpha) + alpha * full[1], rtol=1e-6)

@@ -1,20 +1,19 @@
-"""The embedded default dataset: Fashion-MNIST from Debian, else scikit-learn's digits.
+"""Small class-labelled datasets that need no download, their 10 classes taken as identities.
 
-No package ships a many-class identity dataset that needs no download, so the
-default treats the 10 classes as identities:
   - `fashion_mnist`: Debian's `dataset-fashion-mnist` under
     /usr/share/datasets/fashion-mnist (train + t10k = 70 000 images, 28×28×1);
-  - `digits`: scikit-learn's `load_digits` (1 797 images, 8×8×1), used (with a
-    warning) where the Debian package is not installed.
+  - `digits`: scikit-learn's `load_digits` (1 797 images, 8×8×1).
+
+Ten classes teach little about unseen ones: the default run uses Omniglot's
+242 characters instead (`arcjax.data.omniglot`).
 """
 
 import gzip
 import pathlib
 
-from absl import logging
 import numpy as np
-import sklearn.datasets
 
+from arcjax import errors
 from arcjax.data.sources import ArraySource
 
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -51,6 +50,9 @@ def fashion_mnist_available(directory: str | pathlib.Path | None = None) -> bool
 def load_fashion_mnist(directory: str | pathlib.Path | None = None) -> ArraySource:
   """Fashion-MNIST train then t10k: images (70000, 28, 28, 1) uint8, labels in [0, 10)."""
   directory = pathlib.Path(directory or FASHION_MNIST_DIR)
+  if not fashion_mnist_available(directory):
+    raise errors.DataError(f"Fashion-MNIST not found in {directory} (Debian's package "
+                           "dataset-fashion-mnist: apt-get install dataset-fashion-mnist)")
   images, labels = [], []
   for image_file, label_file in _FASHION_MNIST_FILES.values():
     images.append(read_idx(directory / image_file, 3))
@@ -63,27 +65,11 @@ def load_fashion_mnist(directory: str | pathlib.Path | None = None) -> ArraySour
 
 def load_digits() -> ArraySource:
   """scikit-learn's digits: images (1797, 8, 8, 1) uint8 (0..16 scaled to 0..255), labels in [0, 10)."""
+  import sklearn.datasets  # pylint: disable=import-outside-toplevel  (slow import)
   digits = sklearn.datasets.load_digits()
   images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
   return ArraySource(images[..., None], digits.target, num_classes=10)
 
 
-# The default's constructors by name (the TFDS builder's configs use the same names).
+# The constructors by name (the TFDS builder's configs use the same names).
 LOADERS = {"fashion_mnist": load_fashion_mnist, "digits": load_digits}
-
-
-def default_name() -> str:
-  """'fashion_mnist' where the Debian package is installed, else 'digits' (logs a warning)."""
-  if fashion_mnist_available():
-    return "fashion_mnist"
-  logging.warning(
-      "Fashion-MNIST not found at %s (Debian package dataset-fashion-mnist); the default "
-      "dataset falls back to scikit-learn's digits (1 797 images, 8x8, 10 classes)",
-      FASHION_MNIST_DIR)
-  return "digits"
-
-
-def load_default() -> tuple[ArraySource, str]:
-  """The embedded default as `(source, name)`, name 'fashion_mnist' or 'digits'."""
-  name = default_name()
-  return LOADERS[name](), name

@@ -39,10 +39,12 @@ def read_many(source: Source, indices: Sequence[int]) -> list[tuple[np.ndarray, 
 class ArraySource:
   """An in-memory source: `images: (N, H, W, C) uint8`, `labels: (N,)` ints.
 
-  `num_classes` defaults to `labels.max() + 1`.
+  `num_classes` defaults to `labels.max() + 1`; `identity_names[c]`, if given,
+  names label c.
   """
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int | None = None):
+  def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int | None = None,
+               identity_names: list[str] | None = None):
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -54,6 +56,7 @@ class ArraySource:
     self.labels = labels.astype(np.int64)
     self.num_classes = int(num_classes if num_classes is not None else
                            (self.labels.max() + 1 if len(self.labels) else 0))
+    self.identity_names = identity_names
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -125,3 +128,25 @@ def open_set_split(labels: np.ndarray, *, num_holdout_identities: int,
   held_out = rng.choice(identities, size=num_holdout_identities, replace=False)
   is_held_out = np.isin(labels, held_out)
   return np.flatnonzero(~is_held_out), np.flatnonzero(is_held_out)
+
+
+class EncodedImages:
+  """A source over encoded image bytes (e.g. a verification .bin's images); every label 0.
+
+  `name` (the file they came from) prefixes a decoding error.
+  """
+
+  def __init__(self, encoded: Sequence[bytes], name: str = "images"):
+    self._encoded, self._name = encoded, name
+    self.labels = np.zeros(len(encoded), np.int64)
+    self.num_classes = 1
+
+  def __len__(self) -> int:
+    return len(self._encoded)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    from arcjax.data.folders import decode_image  # pylint: disable=import-outside-toplevel
+    try:
+      return decode_image(self._encoded[index]), 0
+    except ValueError as error:
+      raise ValueError(f"{self._name}: image {index}: {error}") from error

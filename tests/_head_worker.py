@@ -1,24 +1,26 @@
 """A tiny model trained with the centres sharded over every device of 1 or 2 processes.
 
-Run by tests/test_partial_fc.py:
+Run by tests/test_head.py:
 
-  python tests/_partial_fc_worker.py OUT.npz                      # one process, 8 devices
-  python tests/_partial_fc_worker.py OUT.npz --process-id I --port P   # one of two, 4 each
+  python tests/_head_worker.py OUT.npz                           # one process, 8 devices
+  python tests/_head_worker.py OUT.npz --process-id I --port P   # one of two, 4 each
 
 A linear embedding (params replicated) and a (250, d) centre matrix padded to
-256 and sharded over the 8 devices; plain SGD on the ArcFace loss, with and
-without Partial-FC sampling. Process 0 writes the final params and centres.
+256 and sharded over the 8 devices (`head.margin_term`, the trainer's path);
+plain SGD on the ArcFace loss, with and without Partial-FC sampling. Process 0
+writes the final params and centres.
 """
 
 import argparse
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 NUM_CLASSES, IN_DIM, EMBED_DIM, BATCH, STEPS, LR = 250, 12, 8, 16, 4, 0.5
-MARGIN = dict(s=16.0, m2=0.5)
+SCALE, M2 = 16.0, 0.5
 
 
 def problem():
@@ -37,28 +39,27 @@ def _global(mesh, array, spec):
 
 def train(sample_rate: float) -> tuple[np.ndarray, np.ndarray]:
   """Final (params, centres) after STEPS SGD steps over all of jax.devices()."""
-  from arcjax import partial_fc
-  mesh = Mesh(np.array(jax.devices()), ("d",))
-  num_shards = mesh.size
+  from arcjax import head, losses, sharding  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh()
   data = problem()
+  term = head.margin_term(
+      losses.loss_config("arcface", s=SCALE, m2=M2),
+      ml_collections.ConfigDict(dict(sharded=True, sample_rate=sample_rate, chunk_size=0)),
+      NUM_CLASSES, mesh)
 
-  def inner(params, centres_shard, inputs, labels, key):
-    def loss_fn(params, centres_shard):
-      return partial_fc.sharded_margin_loss(
-          inputs @ params, centres_shard, labels, axis_name="d", num_classes=NUM_CLASSES,
-          sample_rate=sample_rate, key=key, **MARGIN)[0]
-    g_params, g_centres = jax.grad(loss_fn, argnums=(0, 1))(params, centres_shard)
-    g_params = jax.lax.pmean(g_params, "d")
-    return params - LR * g_params, centres_shard - LR * g_centres
+  @jax.jit
+  def step(params, centres, inputs, labels, key):
+    loss_fn = lambda p, c: term(inputs @ p, {"centres": c}, labels, key, 1.0)[0]
+    g_params, g_centres = jax.grad(loss_fn, argnums=(0, 1))(params, centres)
+    return params - LR * g_params, centres - LR * g_centres
 
-  step = jax.jit(jax.shard_map(
-      inner, mesh=mesh, in_specs=(P(), P("d"), P("d"), P("d"), P()),
-      out_specs=(P(), P("d")), check_vma=False))
+  padded = np.pad(data["centres"], ((0, head.padded_num_classes(NUM_CLASSES, mesh.size)
+                                     - NUM_CLASSES), (0, 0)))
   params = _global(mesh, data["params"], P())
-  centres = _global(mesh, np.asarray(partial_fc.pad_classes(data["centres"], num_shards)), P("d"))
+  centres = _global(mesh, padded, P(sharding.AXIS))
   for i in range(STEPS):
-    params, centres = step(params, centres, _global(mesh, data["inputs"][i], P("d")),
-                           _global(mesh, data["labels"][i], P("d")), jax.random.key(i))
+    params, centres = step(params, centres, _global(mesh, data["inputs"][i], P(sharding.AXIS)),
+                           _global(mesh, data["labels"][i], P(sharding.AXIS)), jax.random.key(i))
   centres = multihost_utils.process_allgather(centres, tiled=True)
   return np.asarray(params.addressable_data(0)), np.asarray(centres)[:NUM_CLASSES]
 
@@ -75,7 +76,7 @@ def main():
     jax.config.update("jax_num_cpu_devices", 4)
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
                                num_processes=2, process_id=args.process_id,
-                               initialization_timeout=60)
+                               initialization_timeout=120)
   assert jax.device_count() == 8, jax.devices()
   results = {}
   for name, rate in [("full", 1.0), ("sampled", 0.5)]:

@@ -1,0 +1,413 @@
+"""The classifier over C identities: the class-centre matrix W, however stored, and its loss.
+
+One margin softmax cross-entropy, `margin_softmax`, serves every layout of W:
+
+  - replicated, the (B, C) logits at once (`chunk_size=0`): the backward reuses
+    the forward's softmax, so the head costs what a plain normalised softmax does;
+  - replicated, streamed over chunks of `chunk_size` classes with an online
+    log-sum-exp, never more than (B, chunk_size) logits (millions of classes);
+  - sharded over a mesh axis (`axis_name`, called per device inside
+    `jax.shard_map`): device k holds classes [k·C_local, (k+1)·C_local), the
+    embeddings are all-gathered, the softmax is normalised with collectives, and
+    Partial FC (An et al. 2022) samples a fraction `sample_rate` of each shard's
+    centres per step (every positive, random negatives).
+
+The margin comes in as a function (`margins.MarginFn`): cos θ_y ↦ (target logit,
+its slope), evaluated on the R target cosines only, never on the (R, C) matrix.
+`margin_term` builds, from `config.head` and `config.loss`, the term that
+`losses.make_loss_fn` composes with the angular terms.
+
+A class count that does not split evenly over the devices is padded with zero
+centres at the end (`init_head(..., num_shards)`), masked out of the softmax by
+`num_classes`; they get no gradient, so they stay zero, and a checkpoint
+restores onto any device count by padding or cutting those rows.
+
+Gradients are exact: the centres' for each shard, the embeddings' summed over
+shards (the transpose of the all-gather), whatever the layout.
+"""
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from arcjax import errors
+from arcjax import margins
+from arcjax import sharding
+
+# insightface's arcface_torch draws the centres from N(0, 0.01²). The normalised
+# losses see only their directions; the scale sets how fast they turn under SGD.
+CENTRE_INIT_STD = 0.01
+# term(embeddings (B, d), head {'centres', ['bias']}, labels (B,), key, strength) -> (loss, aux)
+MarginTerm = Callable[[jax.Array, dict, jax.Array, jax.Array | None, jax.Array],
+                      tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """x / ‖x‖ along `axis` in float32; a zero vector stays zero."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis, keepdims=True), 1e-24))
+
+
+def padded_num_classes(num_classes: int, num_shards: int) -> int:
+  """The smallest multiple of `num_shards` that is ≥ `num_classes`."""
+  if num_classes < 1 or num_shards < 1:
+    raise ValueError(f"num_classes={num_classes} and num_shards={num_shards} must be positive")
+  return -(-num_classes // num_shards) * num_shards
+
+
+def init_head(key: jax.Array, num_classes: int, embedding_dim: int, *,
+              bias: bool, num_shards: int = 1) -> dict[str, jax.Array]:
+  """Initial head parameters.
+
+  Args:
+    key: PRNG key.
+    num_classes: C, the training identities.
+    embedding_dim: d.
+    bias: add a (C,) zero bias (the plain softmax of `margins.PRESETS['softmax']`).
+    num_shards: the devices the centres will be split over: zero rows are
+      appended up to a multiple of it. The first C rows do not depend on it.
+
+  Returns:
+    {'centres': (C_pad, d) float32 ~ N(0, 0.01²)} plus {'bias': (C,) float32 zeros} if `bias`.
+  """
+  if num_classes < 1 or embedding_dim < 1:
+    raise ValueError(f"num_classes={num_classes} and embedding_dim={embedding_dim} "
+                     "must be positive")
+  centres = CENTRE_INIT_STD * jax.random.normal(key, (num_classes, embedding_dim), jnp.float32)
+  extra = padded_num_classes(num_classes, num_shards) - num_classes
+  head = {"centres": jnp.pad(centres, ((0, extra), (0, 0)))}
+  if bias:
+    head["bias"] = jnp.zeros((num_classes,), jnp.float32)
+  return head
+
+
+def num_sampled(num_local: int, global_batch: int, sample_rate: float) -> int:
+  """Centres used per shard and step: ⌈r·C_local⌉, raised to fit every positive.
+
+  A shard can hold at most min(global_batch, C_local) positives of one batch,
+  so it uses min(C_local, max(⌈r·C_local⌉, global_batch)) centres: a static
+  count, so that shapes stay fixed under `jit`.
+  """
+  return min(num_local, max(math.ceil(sample_rate * num_local), global_batch))
+
+
+# --- The one cross-entropy core ------------------------------------------------------
+
+
+class _Spec(NamedTuple):
+  """Static settings of `_softmax_ce` (hashable: a nondiff argument)."""
+  s: float
+  chunk_size: int          # columns per chunk; 0 = the whole block at once
+  axis_name: str | None    # the class-sharding axis, None on one device
+
+
+def _chunking(num_columns: int, chunk_size: int) -> tuple[int, int]:
+  """(chunk width, number of chunks) covering `num_columns` columns."""
+  width = num_columns if chunk_size <= 0 else min(chunk_size, num_columns)
+  return width, -(-num_columns // width)
+
+
+def _chunk(i, x_all, centres, labels, valid, target, spec):
+  """Logits of the i-th class chunk, (R, width): target column = `target`, masked = −inf.
+
+  Every chunk has the same width so that shapes stay static: the last chunk
+  starts at K − width and masks the columns an earlier chunk already covered
+  (no padded copy of the centre matrix).
+  """
+  width, _ = _chunking(centres.shape[0], spec.chunk_size)
+  start = jnp.minimum(i * width, centres.shape[0] - width)
+  w_chunk = jax.lax.dynamic_slice_in_dim(centres, start, width).astype(jnp.float32)
+  w_hat, normalize_vjp = jax.vjp(l2_normalize, w_chunk)
+  columns = start + jnp.arange(width)
+  fresh = jax.lax.dynamic_slice_in_dim(valid, start, width) & (columns >= i * width)
+  is_target = (columns[None, :] == labels[:, None]) & fresh[None, :]
+  logits = jnp.where(is_target, target[:, None], spec.s * (x_all @ w_hat.T))
+  logits = jnp.where(fresh[None, :], logits, -jnp.inf)
+  return logits, is_target, fresh, start, w_hat, normalize_vjp
+
+
+def _scan_chunks(step, init, centres, spec):
+  """`lax.scan` of `step` over the chunk indices, the first chunk peeled off.
+
+  Peeling lets the carry take its per-shard type from the data (shard_map's
+  varying-axes typing) instead of from the constant `init`.
+  """
+  _, num_chunks = _chunking(centres.shape[0], spec.chunk_size)
+  carry, _ = step(init, 0)
+  return jax.lax.scan(step, carry, jnp.arange(1, num_chunks))
+
+
+def _log_sum_exp(x_all, centres, labels, valid, target, spec):
+  """(R,) log Σ_j exp(logit_j) over every class of every shard, and the whole-block logits
+  (chunk_size 0) or None."""
+  rows = x_all.shape[0]
+  if spec.chunk_size == 0:
+    logits = _chunk(0, x_all, centres, labels, valid, target, spec)[0]
+    row_max = jnp.max(logits, axis=1)
+    # A block whose columns are all masked (a shard of padding) gives a zero sum.
+    row_max = jnp.maximum(row_max, jnp.finfo(jnp.float32).min)
+    row_sum = jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1)
+  else:
+    logits = None
+
+    def step(carry, i):
+      row_max, row_sum = carry
+      chunk = _chunk(i, x_all, centres, labels, valid, target, spec)[0]
+      new_max = jnp.maximum(row_max, jnp.max(chunk, axis=1))
+      row_sum = (row_sum * jnp.exp(row_max - new_max)
+                 + jnp.sum(jnp.exp(chunk - new_max[:, None]), axis=1))
+      return (new_max, row_sum), None
+
+    floor = jnp.full((rows,), jnp.finfo(jnp.float32).min)
+    (row_max, row_sum), _ = _scan_chunks(step, (floor, jnp.zeros((rows,))), centres, spec)
+  if spec.axis_name is not None:
+    global_max = jax.lax.pmax(row_max, spec.axis_name)
+    row_sum = jax.lax.psum(row_sum * jnp.exp(row_max - global_max), spec.axis_name)
+    row_max = global_max
+  return row_max + jnp.log(row_sum), logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _softmax_ce(x_all, centres, labels, valid, target, slope, spec):
+  """Mean softmax cross-entropy of R rows over a block of K classes, the target logit given.
+
+  Args:
+    x_all: (R, d) float32 unit embeddings (every device's rows when sharded).
+    centres: (K, d) raw centres of this block (normalised here).
+    labels: (R,) int32, each row's target column in this block, −1 where it lives elsewhere.
+    valid: (K,) bool, False for columns that take no part (padding).
+    target: (R,) the target logits s·ψ(cos θ_y), the same on every shard.
+    slope: (R,) dψ/dcos θ_y: the target column's cosine enters the backward through it.
+    spec: `_Spec`.
+
+  Returns:
+    The mean loss over the R rows (the same on every shard). The VJP gives the
+    exact gradient of this block's centres and this block's part of the
+    embeddings' gradient (summed over shards by the all-gather's transpose);
+    `target` and `slope` get none (pass them through `stop_gradient`).
+  """
+  return _softmax_ce_fwd(x_all, centres, labels, valid, target, slope, spec)[0]
+
+
+def _softmax_ce_fwd(x_all, centres, labels, valid, target, slope, spec):
+  lse, logits = _log_sum_exp(x_all, centres, labels, valid, target, spec)
+  # Unchunked, the softmax is kept for the backward (no second x·Wᵀ, as autodiff would).
+  probs = None if logits is None else jnp.exp(logits - lse[:, None])
+  loss = jnp.mean(lse - target)
+  return loss, (x_all, centres, labels, valid, target, slope, lse, probs)
+
+
+def _softmax_ce_bwd(spec, residuals, g):
+  x_all, centres, labels, valid, target, slope, lse, probs = residuals
+  row_g = g / x_all.shape[0]
+
+  def grads(logits_or_probs, is_target, w_hat, normalize_vjp, exp_done):
+    p = logits_or_probs if exp_done else jnp.exp(logits_or_probs - lse[:, None])
+    d_logits = row_g * (p - is_target)
+    # The target column's cosine feeds ψ: chain rule through dψ/dcos on R numbers.
+    d_cos = spec.s * jnp.where(is_target, d_logits * slope[:, None], d_logits)
+    return d_cos @ w_hat, normalize_vjp(d_cos.T @ x_all)[0].astype(centres.dtype)
+
+  if probs is not None:
+    _, is_target, _, _, w_hat, normalize_vjp = _chunk(0, x_all, centres, labels, valid,
+                                                      target, spec)
+    dx_all, d_centres = grads(probs, is_target, w_hat, normalize_vjp, exp_done=True)
+  else:
+    def step(carry, i):
+      dx_all, d_centres = carry
+      logits, is_target, fresh, start, w_hat, normalize_vjp = _chunk(
+          i, x_all, centres, labels, valid, target, spec)
+      dx, d_chunk = grads(logits, is_target, w_hat, normalize_vjp, exp_done=False)
+      old = jax.lax.dynamic_slice_in_dim(d_centres, start, d_chunk.shape[0])
+      d_centres = jax.lax.dynamic_update_slice_in_dim(
+          d_centres, jnp.where(fresh[:, None], d_chunk, old), start, 0)
+      return (dx_all + dx, d_centres), None
+
+    (dx_all, d_centres), _ = _scan_chunks(
+        step, (jnp.zeros_like(x_all), jnp.zeros_like(centres)), centres, spec)
+  return dx_all, d_centres, None, None, jnp.zeros_like(target), jnp.zeros_like(slope)
+
+
+_softmax_ce.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
+
+
+def _sample(key, local_labels, real, num_keep):
+  """Indices (num_keep,) ascending of the centres this shard uses this step.
+
+  Top-k of uniform scores with the positives scored 2 (always kept) and the
+  padding −1 (taken last, and only when the shard has too few real classes).
+  """
+  num_local = real.shape[0]
+  positive = jnp.zeros((num_local,), bool).at[
+      jnp.where(local_labels >= 0, local_labels, num_local)].set(True, mode="drop")
+  scores = jax.random.uniform(key, (num_local,))
+  scores = jnp.where(positive, 2.0, jnp.where(real, scores, -1.0))
+  return jnp.sort(jax.lax.top_k(scores, num_keep)[1])
+
+
+def margin_softmax(
+    embeddings: jax.Array, centres: jax.Array, labels: jax.Array, *,
+    margin: margins.MarginFn, s: float = 64.0, num_classes: int | None = None,
+    chunk_size: int = 0, axis_name: str | None = None, sample_rate: float = 1.0,
+    key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy of s · margin(cos θ) over the class-centre matrix, however stored.
+
+  Args:
+    embeddings: (B, d) features x (this device's rows when sharded), any float dtype.
+    centres: (K, d) centres W: all C (K ≥ C) or, with `axis_name`, this device's
+      shard, global classes [k·K, (k+1)·K) on the k-th device of the axis.
+    labels: (B,) int global class ids in [0, num_classes).
+    margin: cos θ_y ↦ (target logit, slope), e.g. `margins.make_margin(m2=0.5)`.
+    s: the scale.
+    num_classes: C, the real classes; rows ≥ C are padding. None: every row is real.
+    chunk_size: > 0 streams over chunks of that many centres; 0, all at once.
+    axis_name: the mesh axis the centres and the batch are split over (call
+      inside `jax.shard_map` or `jax.pmap`; the gradient is that of the whole
+      loss when each device's copy of it gets cotangent 1, as when
+      differentiating inside the map; `margin_term` differentiates from outside
+      a shard_map); None on one device.
+    sample_rate: Partial-FC r in (0, 1]; 1 uses every centre.
+    key: the step's PRNG key, needed when r < 1 (folded with the shard index).
+
+  Returns:
+    (loss, aux): the mean loss over the global batch (float32, the same on
+    every device); aux['theta_y'] (B,) the angles to the target centres in
+    radians; aux['sampled'] (K,) bool, the real centres used this step.
+  """
+  if (embeddings.ndim != 2 or centres.ndim != 2 or labels.shape != embeddings.shape[:1]
+      or embeddings.shape[1] != centres.shape[1]):
+    raise ValueError("expected embeddings (B, d), centres (K, d) and labels (B,), got "
+                     f"{embeddings.shape}, {centres.shape} and {labels.shape}")
+  if not 0.0 < sample_rate <= 1.0 or (sample_rate < 1.0 and key is None):
+    raise ValueError(f"sample_rate={sample_rate} must be in (0, 1], and < 1 needs a key")
+  margins.check_labels(labels, num_classes or centres.shape[0])
+  num_shards = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+  num_local = centres.shape[0]
+  num_classes = num_classes or num_shards * num_local
+  if not 0 < num_classes <= num_shards * num_local:
+    raise ValueError(f"num_classes={num_classes} does not fit {num_shards} shards of "
+                     f"{num_local} centres")
+  x_hat = l2_normalize(embeddings)
+  labels = labels.astype(jnp.int32)
+  if axis_name is None:
+    shard, x_all, all_labels = 0, x_hat, labels
+  else:
+    shard = jax.lax.axis_index(axis_name)
+    x_all = jax.lax.all_gather(x_hat, axis_name, tiled=True)
+    all_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
+  local_labels = all_labels - shard * num_local
+  local_labels = jnp.where((local_labels >= 0) & (local_labels < num_local), local_labels, -1)
+  real = shard * num_local + jnp.arange(num_local) < num_classes
+
+  if sample_rate < 1.0:
+    keep = _sample(jax.random.fold_in(key, shard), local_labels, real,
+                   num_sampled(num_local, all_labels.shape[0], sample_rate))
+    block, valid = centres[keep], real[keep]
+    # Positives are always kept, so each found position holds the label itself.
+    block_labels = jnp.where(local_labels >= 0, jnp.searchsorted(keep, local_labels), -1)
+    sampled = jnp.zeros((num_local,), bool).at[keep].set(valid)
+  else:
+    block, valid, block_labels, sampled = centres, real, local_labels, real
+
+  here = block_labels >= 0
+  w_y = l2_normalize(block[jnp.where(here, block_labels, 0)])
+  cos_y = jnp.where(here, jnp.sum(x_all * w_y, axis=1), 0.0)
+  if axis_name is not None:
+    cos_y = jax.lax.psum(cos_y, axis_name)
+  cos_y = jax.lax.stop_gradient(cos_y)
+  logit_y, slope = jax.lax.stop_gradient(margin(cos_y))
+  loss = _softmax_ce(x_all, block, block_labels, valid, s * logit_y, slope,
+                     _Spec(float(s), int(chunk_size), axis_name))
+  own = jax.lax.dynamic_slice_in_dim(cos_y, shard * embeddings.shape[0], embeddings.shape[0])
+  return loss, {"theta_y": margins.angle(own), "sampled": sampled}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _scale_cotangent(x: jax.Array, factor: float) -> jax.Array:
+  """x, whose cotangent is multiplied by `factor` on the way back."""
+  return x
+
+
+_scale_cotangent.defvjp(lambda x, factor: (x, None), lambda factor, _, g: (g * factor,))
+
+
+def linear_softmax(embeddings: jax.Array, centres: jax.Array, bias: jax.Array,
+                   labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The plain softmax (Table 2's 'Softmax'): cross-entropy of x·Wᵀ + b, unnormalised.
+
+  Shapes as `margin_softmax` (replicated centres, bias (C,)); aux['theta_y'] as there.
+  """
+  x = embeddings.astype(jnp.float32)
+  logits = x @ centres.astype(jnp.float32).T + bias.astype(jnp.float32)
+  is_target = jnp.arange(centres.shape[0])[None, :] == labels[:, None]
+  target = jnp.sum(jnp.where(is_target, logits, 0.0), axis=1)
+  cos_y = jnp.sum(l2_normalize(x) * l2_normalize(centres[labels]), axis=1)
+  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - target)
+  return loss, {"theta_y": jax.lax.stop_gradient(margins.angle(cos_y))}
+
+
+# --- From the config ----------------------------------------------------------------
+
+
+def check_config(head_config: Any, loss_config: Any) -> None:
+  """Raises ConfigError naming the first `config.head` value that cannot run with the loss."""
+  if not 0.0 < head_config.sample_rate <= 1.0:
+    raise errors.ConfigError(f"config.head.sample_rate must be in (0, 1], "
+                             f"got {head_config.sample_rate!r}")
+  chunk = head_config.chunk_size
+  if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+    raise errors.ConfigError(f"config.head.chunk_size must be an int >= 0 (0: no chunks), "
+                             f"got {chunk!r}")
+  if head_config.sample_rate < 1.0 and not head_config.sharded:
+    raise errors.ConfigError("config.head.sample_rate < 1 (Partial FC) needs "
+                             "config.head.sharded=True")
+  if (head_config.sharded or chunk) and not loss_config.normalize:
+    raise errors.ConfigError("a chunked or sharded head computes the normalised margin "
+                             "softmax; the plain softmax (loss.normalize=False) needs "
+                             "head.sharded=False and head.chunk_size=0")
+
+
+def margin_term(loss_config: Any, head_config: Any, num_classes: int,
+                mesh: Mesh | None = None) -> MarginTerm:
+  """The margin softmax term of `config.loss` over the head stored as `config.head`.
+
+  A sharded head runs its loss per device under `jax.shard_map` over `mesh`'s
+  axis, the centres split as `sharding.partition_rules` lays them out; the
+  rest of the step stays an ordinary jitted function of global arrays.
+  `strength` anneals the margin (`margins.make_margin`).
+  """
+  check_config(head_config, loss_config)
+  if not loss_config.normalize:
+    return lambda embeddings, head, labels, key, strength: linear_softmax(
+        embeddings, head["centres"], head["bias"], labels)
+  margin_of = functools.partial(margins.make_margin, loss_config.m1, loss_config.m2,
+                                loss_config.m3, gradient=loss_config.gradient)
+  options = dict(s=loss_config.s, num_classes=num_classes, chunk_size=head_config.chunk_size)
+  if not head_config.sharded:
+    return lambda embeddings, head, labels, key, strength: margin_softmax(
+        embeddings, head["centres"], labels, margin=margin_of(strength=strength), **options)
+  if mesh is None:
+    raise ValueError("a sharded head needs the mesh it is sharded over")
+
+  def local(embeddings, centres, labels, key, strength):
+    loss, aux = margin_softmax(embeddings, centres, labels, margin=margin_of(strength=strength),
+                               axis_name=sharding.AXIS, sample_rate=head_config.sample_rate,
+                               key=key, **options)
+    # shard_map (check_vma=False) transposes this replicated output by handing each of
+    # the N devices 1/N of its cotangent; the core's gradient is that of the whole loss.
+    return _scale_cotangent(loss, jax.lax.axis_size(sharding.AXIS)), aux["theta_y"]
+
+  # check_vma=False: the loss is replicated by construction (psum'd inside the core).
+  mapped = jax.shard_map(local, mesh=mesh, check_vma=False,
+                         in_specs=(P(sharding.AXIS), P(sharding.AXIS), P(sharding.AXIS), P(), P()),
+                         out_specs=(P(), P(sharding.AXIS)))
+
+  def sharded(embeddings, head, labels, key, strength):
+    loss, theta_y = mapped(embeddings, head["centres"], labels, key, strength)
+    return loss, {"theta_y": theta_y}
+
+  return sharded
