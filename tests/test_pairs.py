@@ -2,13 +2,21 @@
 
 import itertools
 import os
+import pathlib
 import pickle
 import struct
+import subprocess
+import sys
 
+from etils.epath import testing as epath_testing
 import numpy as np
 import pytest
 
-from arcjax.data.pairs import UnsafePickleError, make_verification_pairs, read_bin, write_bin
+from arcjax import errors
+from arcjax.data.pairs import (UnsafePickleError, bin_labels_path, make_verification_pairs, read_bin,
+                               read_bin_labels, write_bin, write_bin_labels)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _binstring(data: bytes) -> bytes:
@@ -231,3 +239,177 @@ def test_pairs_big_identity_is_cheap():
 def test_pairs_errors(labels, kwargs, message):
   with pytest.raises(ValueError, match=message):
     make_verification_pairs(labels, seed=0, **kwargs)
+
+
+# --- errors, epath paths, absurd allocations ------------------------------------------------------
+
+
+def test_errors_are_data_errors_and_keep_their_bases():
+  assert issubclass(UnsafePickleError, errors.DataError)
+  assert issubclass(UnsafePickleError, pickle.UnpicklingError)
+
+
+def _gs_mock(tmp_path, opened):
+  """epath mocked so that gs://bucket/NAME is tmp_path/NAME (and records what was opened)."""
+
+  def local(path):
+    return tmp_path / str(path).removeprefix("gs://bucket/")
+
+  def fake_open(_, path, mode="r", **kwargs):
+    opened.append(str(path))
+    return open(local(path), mode)
+
+  return epath_testing.mock_epath(open=fake_open, exists=lambda _, path: local(path).exists())
+
+
+def test_reads_through_epath(tmp_path):
+  write_bin(tmp_path / "lfw.bin", BINS, ISSAME)
+  write_bin_labels(tmp_path / "lfw.bin", [0, 0, 1, 2, 3, 3], ISSAME)
+  opened = []
+  with _gs_mock(tmp_path, opened):
+    bins, issame = read_bin("gs://bucket/lfw.bin")
+    labels = read_bin_labels("gs://bucket/lfw.bin")
+  assert bins == BINS and issame.tolist() == ISSAME
+  assert labels.tolist() == [0, 0, 1, 2, 3, 3]
+  assert opened == ["gs://bucket/lfw.bin", "gs://bucket/lfw.labels.npy", "gs://bucket/lfw.bin"]
+
+
+_BIG = 10**12  # 931 GiB of uint8
+
+
+def _long(n: int) -> bytes:
+  """Pickle's LONG1 opcode for a non-negative int."""
+  data = n.to_bytes(n.bit_length() // 8 + 1, "little")
+  return b"\x8a" + bytes([len(data)]) + data
+
+
+def _reconstruct_pickle(num_elements: int) -> bytes:
+  """`([numpy _reconstruct(ndarray, (num_elements,), 'b')], [])`: NumPy allocates the shape at once."""
+  return (b"\x80\x02]cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _long(num_elements)
+          + b"\x85X\x01\x00\x00\x00b\x87Ra]\x86.")
+
+
+def _setstate_pickle(array: np.ndarray, num_elements: int) -> bytes:
+  """`([array], [])` with the shape in the array's state (pickle's BUILD) replaced by `num_elements`."""
+  data = pickle.dumps(([array], []), protocol=2)
+  shape = b"K\x01K" + bytes([len(array)]) + b"\x85"  # the state's version 1 and shape (n,)
+  assert data.count(shape) == 1
+  return data.replace(shape, b"K\x01" + _long(num_elements) + b"\x85")
+
+
+@pytest.mark.parametrize("payload", [
+    _reconstruct_pickle(10**7),
+    _setstate_pickle(np.zeros(3, np.uint8), 10**7),
+    # NumPy allocates an object array's state shape before it checks the data's length.
+    _setstate_pickle(np.array([b"x", b"y"], dtype=object), 10**7),
+], ids=["reconstruct", "setstate", "object_setstate"])
+def test_refuses_arrays_larger_than_the_file(tmp_path, payload):
+  (tmp_path / "big.bin").write_bytes(payload)
+  with pytest.raises(UnsafePickleError, match=rf"big\.bin: an array of shape \(10000000,\) .* is larger "
+                                              rf"than the {len(payload)}-byte file could hold"):
+    read_bin(tmp_path / "big.bin")
+
+
+def test_refuses_in_a_child_what_would_exhaust_memory_or_crash(tmp_path):
+  """10**12-element requests (931 GiB), and an object array with a short list, which crashes NumPy.
+
+  In a child process that cannot allocate even 4 GiB, so that a regression fails this test
+  rather than the machine or the test run.
+  """
+  payloads = {"reconstruct": _reconstruct_pickle(_BIG),
+              "setstate": _setstate_pickle(np.array([b"x", b"y"], dtype=object), _BIG),
+              "short_list": _setstate_pickle(np.array([b"x", b"y"], dtype=object), 5)}
+  for name, payload in payloads.items():
+    (tmp_path / f"{name}.bin").write_bytes(payload)
+  script = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+            "from arcjax.data.pairs import read_bin, UnsafePickleError\n"
+            "for path in sys.argv[1:]:\n"
+            "  try:\n"
+            "    read_bin(path)\n"
+            "  except UnsafePickleError as error:\n"
+            "    print(error, flush=True)\n")
+  result = subprocess.run(
+      [sys.executable, "-c", script, *(str(tmp_path / f"{name}.bin") for name in payloads)],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+      env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [
+      f"{tmp_path}/reconstruct.bin: an array of shape (1000000000000,) and dtype int8 "
+      f"(1000000000000 bytes) is larger than the {len(payloads['reconstruct'])}-byte file could hold",
+      f"{tmp_path}/setstate.bin: an array of shape (1000000000000,) and dtype object "
+      f"(8000000000000 bytes) is larger than the {len(payloads['setstate'])}-byte file could hold",
+      f"{tmp_path}/short_list.bin: an object array of 5 elements needs a list of 5; got list of 2"]
+
+
+def test_refuses_a_dtype_that_claims_objects(tmp_path):
+  """A void dtype whose pickled flags say it holds objects: NumPy would read its bytes as pointers."""
+  data = pickle.dumps(([np.zeros(2, "V8")], []), protocol=2)
+  flags = b"K\x08K\x01K\x00t"  # the dtype state's itemsize 8, alignment 1, flags 0
+  assert data.count(flags) == 1
+  (tmp_path / "flags.bin").write_bytes(data.replace(flags, b"K\x08K\x01K\x1ft"))
+  with pytest.raises(UnsafePickleError, match=r"flags\.bin: dtype .*V8.* holding objects"):
+    read_bin(tmp_path / "flags.bin")
+
+
+def test_legitimate_arrays_still_read(tmp_path):
+  """A large image array (what cv2.imencode converters store) is well within its file's size."""
+  bins = [np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8), np.zeros(0, np.uint8)]
+  (tmp_path / "ok.bin").write_bytes(pickle.dumps((bins, np.array([True])), protocol=4))
+  got, issame = read_bin(tmp_path / "ok.bin")
+  assert got == [b.tobytes() for b in bins] and issame.tolist() == [True]
+  assert type(issame) is np.ndarray
+  # The images as an object array of bytes: its list has exactly its element count.
+  (tmp_path / "objects.bin").write_bytes(pickle.dumps((np.array(BINS, dtype=object), ISSAME)))
+  assert read_bin(tmp_path / "objects.bin")[0] == BINS
+
+
+# --- writers never clobber; labels beside a .bin ----------------------------------------------------
+
+
+def test_write_bin_refuses_an_existing_file(tmp_path):
+  write_bin(tmp_path / "lfw.bin", BINS, ISSAME)
+  with pytest.raises(errors.DataError, match=r"lfw\.bin already exists; refusing to overwrite it"):
+    write_bin(tmp_path / "lfw.bin", BINS[:2], ISSAME[:1])
+  assert read_bin(tmp_path / "lfw.bin")[0] == BINS
+  write_bin(tmp_path / "lfw.bin", BINS[:2], ISSAME[:1], overwrite=True)
+  assert read_bin(tmp_path / "lfw.bin")[0] == BINS[:2]
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["lfw.bin"]
+
+
+def test_bin_labels_round_trip(tmp_path):
+  write_bin(tmp_path / "x.bin", BINS, ISSAME)
+  assert read_bin_labels(tmp_path / "x.bin") is None
+  write_bin_labels(tmp_path / "x.bin", np.array([5, 5, 1, 2, 0, 0], np.int32), ISSAME)
+  assert bin_labels_path(tmp_path / "x.bin").name == "x.labels.npy"
+  labels = np.load(tmp_path / "x.labels.npy")  # a plain .npy
+  assert labels.dtype == np.int64 and labels.tolist() == [5, 5, 1, 2, 0, 0]
+  np.testing.assert_array_equal(read_bin_labels(tmp_path / "x.bin"), labels)
+  with pytest.raises(errors.DataError, match=r"x\.labels\.npy already exists"):
+    write_bin_labels(tmp_path / "x.bin", [5, 5, 1, 2, 0, 0], ISSAME)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array([0, 0, 1, 2]), r"4 labels for the 6 images of 3 pairs"),
+    (np.array([0, 0, 1, 2, 3, 4]), r"pair 2 has labels 3, 4 but issame True"),
+    (np.array([0, 1, 1, 2, 3, 3]), r"pair 0 has labels 0, 1 but issame True"),
+    (np.array([0, 0, 1, 1, 3, 3]), r"pair 1 has labels 1, 1 but issame False"),
+    (np.array([0.0, 0, 1, 2, 3, 3]), r"labels must be \(2N,\) integers"),
+    (np.array([-1, -1, 1, 2, 3, 3]), r"label -1 is negative"),
+])
+def test_bin_labels_checked_against_the_bin(tmp_path, labels, message):
+  write_bin(tmp_path / "x.bin", BINS, ISSAME)
+  np.save(tmp_path / "x.labels.npy", labels)
+  with pytest.raises(errors.DataError, match=r"x\.labels\.npy: " + message):
+    read_bin_labels(tmp_path / "x.bin")
+  with pytest.raises(errors.DataError, match=message):
+    write_bin_labels(tmp_path / "y.bin", labels, ISSAME)
+
+
+def test_bin_labels_never_unpickle(tmp_path):
+  write_bin(tmp_path / "x.bin", BINS, ISSAME)
+  np.save(tmp_path / "x.labels.npy", np.array([_Exploit(tmp_path / "pwned")] * 6, dtype=object),
+          allow_pickle=True)
+  with pytest.raises(errors.DataError, match=r"x\.labels\.npy: not a \.npy array of labels"):
+    read_bin_labels(tmp_path / "x.bin")
+  assert not (tmp_path / "pwned").exists()

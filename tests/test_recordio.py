@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from arcjax import errors
 from arcjax.data.folders import ImageFolderSource, decode_image
 from arcjax.data.recordio import (RecordIOError, RecordIOSource, folder_to_recordio, recordio_paths,
                                   write_recordio)
@@ -151,12 +152,12 @@ def test_folder_to_recordio_reencodes(tmp_path):
     for j in range(2):
       images[name, j] = rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)
       Image.fromarray(images[name, j]).save(tmp_path / "faces" / name / f"{j}.bmp")
-  folder_to_recordio(tmp_path / "faces", tmp_path / "out", image_format="PNG")
-  source = RecordIOSource(tmp_path / "out")
+  folder_to_recordio(tmp_path / "faces", tmp_path / "png" / "train", image_format="PNG")
+  source = RecordIOSource(tmp_path / "png")
   assert source.encoded(0).startswith(b"\x89PNG")
   for i, key in enumerate([("a", 0), ("a", 1), ("b", 0), ("b", 1)]):
     np.testing.assert_array_equal(source[i][0], images[key])
-  folder_to_recordio(tmp_path / "faces", tmp_path / "jpeg", image_format="JPEG")
+  folder_to_recordio(tmp_path / "faces", tmp_path / "jpeg" / "train", image_format="JPEG")
   assert RecordIOSource(tmp_path / "jpeg").encoded(0).startswith(b"\xff\xd8")
 
 
@@ -373,3 +374,67 @@ def test_decode_matches_folder_decoder(tmp_path):
   source = RecordIOSource(tmp_path)
   assert source[0][0].shape == (12, 10, 1)
   np.testing.assert_array_equal(source[1][0], decode_image(items[1][0]))
+
+
+# --- writers never clobber ----------------------------------------------------------------------
+
+
+def test_refuses_to_write_a_second_set_into_a_folder(tmp_path):
+  """The bug: a 3-class set written beside an 8-class train.rec rewrote `property`, breaking it."""
+  eight = _synthetic_items(sizes=(1, 2, 1, 1, 3, 1, 1, 2))
+  write_recordio(tmp_path / "train", eight, (12, 10))
+  before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+  with pytest.raises(errors.DataError, match=r"property already exists; refusing to overwrite it "
+                                             r"\(a folder holds one RecordIO set"):
+    write_recordio(tmp_path / "small", _synthetic_items(sizes=(1, 1, 1)), (12, 10))
+  with pytest.raises(errors.DataError, match=r"train\.rec already exists"):
+    write_recordio(tmp_path, _synthetic_items(sizes=(1, 1, 1)), (12, 10))
+  assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+  source = RecordIOSource(tmp_path)
+  assert source.num_classes == 8
+  np.testing.assert_array_equal(source.labels, [label for _, label in eight])
+  assert source.encoded(3) == eight[3][0]
+
+
+def test_overwrite_replaces_and_a_failed_write_keeps_the_old_set(tmp_path):
+  write_recordio(tmp_path / "train", _synthetic_items(sizes=(2, 2)), (12, 10))
+  write_recordio(tmp_path / "train", _synthetic_items(sizes=(1, 1, 1)), (12, 10), overwrite=True)
+  assert RecordIOSource(tmp_path).num_classes == 3
+  before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+  items = _synthetic_items(sizes=(1, 1, 1, 1, 1)) + [(b"not an image", 4)]
+  with pytest.raises(ValueError, match="item 5 .*not an encoded image"):
+    write_recordio(tmp_path / "train", items, (12, 10), overwrite=True)
+  assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before  # no staging left
+  assert RecordIOSource(tmp_path).num_classes == 3
+
+
+def test_folder_to_recordio_refuses_existing_and_passes_overwrite(tmp_path):
+  (tmp_path / "faces" / "a").mkdir(parents=True)
+  Image.fromarray(np.zeros((8, 6), np.uint8)).save(tmp_path / "faces" / "a" / "0.png")
+  folder_to_recordio(tmp_path / "faces", tmp_path / "out" / "train")
+  with pytest.raises(errors.DataError, match="out/train.rec already exists"):
+    folder_to_recordio(tmp_path / "faces", tmp_path / "out" / "train")
+  assert folder_to_recordio(tmp_path / "faces", tmp_path / "out" / "train", overwrite=True) == 1
+
+
+def test_folder_to_recordio_fits_other_sizes(tmp_path):
+  """ORL-like 12 × 8 (H × W) images padded to 12 × 12: 2 black columns each side, faces untouched."""
+  rng = np.random.default_rng(2)
+  faces = {}
+  for name, shape in (("a", (12, 8)), ("b", (12, 12))):
+    (tmp_path / "faces" / name).mkdir(parents=True)
+    faces[name] = rng.integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(faces[name]).save(tmp_path / "faces" / name / "0.pgm")
+  with pytest.raises(ValueError, match=r"a/0\.pgm: image is 12x8 \(HxW\), expected 12x12 \(choose"):
+    folder_to_recordio(tmp_path / "faces", tmp_path / "refused" / "train", image_size=(12, 12))
+  folder_to_recordio(tmp_path / "faces", tmp_path / "out" / "train", image_size=(12, 12), fit="pad")
+  source = RecordIOSource(tmp_path / "out")
+  assert source.image_size == (12, 12)
+  padded = source[0][0][..., 0]
+  assert source.encoded(0).startswith(b"\x89PNG")  # fitted: stored lossless
+  np.testing.assert_array_equal(padded, np.pad(faces["a"], ((0, 0), (2, 2))))
+  assert source.encoded(1) == (tmp_path / "faces" / "b" / "0.pgm").read_bytes()  # at the size: kept
+
+
+def test_errors_are_data_errors():
+  assert issubclass(RecordIOError, errors.DataError) and issubclass(RecordIOError, ValueError)

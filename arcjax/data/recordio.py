@@ -21,17 +21,21 @@ label (flag > 0), as insightface's MXFaceDataset reads it. Labels are stored as
 float32, exact only up to 2**24 (16 777 216); `RecordIOSource.labels` are int64.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+import contextlib
 import io
 import mmap
 import os
 import pathlib
+import shutil
 import struct
+import tempfile
 
 import numpy as np
 from PIL import Image
 
-from arcjax.data.folders import ImageFolderSource, decode_image
+from arcjax import errors
+from arcjax.data.folders import ImageFolderSource, decode_image, fit_file
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -42,9 +46,11 @@ _PEEK = 8 + _IR_HEADER.size + 4
 _FLOAT32_EXACT = 2**24
 # dmlc-core's limit: the length field has 29 bits.
 _MAX_RECORD = 1 << 29
+_ONE_SET_PER_FOLDER = ("a folder holds one RecordIO set, whose class count is its `property`; "
+                       "overwrite=True replaces the set")
 
 
-class RecordIOError(ValueError):
+class RecordIOError(errors.DataError, ValueError):
   """Corrupt or inconsistent RecordIO input; the message names the file and the record key."""
 
 
@@ -249,7 +255,7 @@ def _pack(flag: int, label: float, key: int, extra: tuple[float, ...] = (), imag
 def _write_record(f, payload: bytes) -> None:
   """Writes one record as dmlc-core does: split at each 4-aligned magic, padded to 4 bytes."""
   if len(payload) >= _MAX_RECORD:
-    raise ValueError(f"a RecordIO record holds less than 2**29 bytes; got {len(payload)}")
+    raise errors.DataError(f"a RecordIO record holds less than 2**29 bytes; got {len(payload)}")
   aligned = len(payload) // 4 * 4
   cuts = 4 * np.flatnonzero(np.frombuffer(payload, "<u4", aligned // 4) == MAGIC)
   start = 0
@@ -263,18 +269,58 @@ def _write_record(f, payload: bytes) -> None:
 
 
 def _check_image(encoded: bytes, image_size: tuple[int, int], what: str) -> None:
-  """Raises `ValueError` naming `what` unless `encoded` is an image of `image_size = (H, W)`."""
+  """Raises `errors.DataError` naming `what` unless `encoded` is an image of `image_size = (H, W)`."""
   try:
     with Image.open(io.BytesIO(encoded)) as image:
       width, height = image.size  # reads the header only
   except OSError as error:
-    raise ValueError(f"{what}: not an encoded image ({error})") from error
+    raise errors.DataError(f"{what}: not an encoded image ({error})") from error
   if (height, width) != tuple(image_size):
-    raise ValueError(f"{what}: image is {height}x{width} (HxW), expected {image_size[0]}x{image_size[1]}")
+    raise errors.DataError(f"{what}: image is {height}x{width} (HxW), expected "
+                           f"{image_size[0]}x{image_size[1]}")
+
+
+@contextlib.contextmanager
+def writing_new(directory: str | os.PathLike, names: Sequence[str], *, overwrite: bool = False,
+                hint: str = "overwrite=True replaces it") -> Iterator[pathlib.Path]:
+  """Writes the files `names` of a local `directory` as one set: whole, and never over others.
+
+  Refuses (`errors.DataError` naming the file, then `hint`) when one of them
+  exists and not `overwrite`. Yields an empty hidden folder inside `directory`
+  for the body to write the files in, under the same names; when the body
+  returns, moves each there onto its place (checking again first) and removes
+  any of `names` the body did not write (it belonged to the set being
+  replaced); when the body raises, leaves `directory` as it was.
+  """
+  directory = pathlib.Path(directory)
+  targets = [directory / name for name in names]
+
+  def refuse_existing():
+    for target in targets:
+      if not overwrite and os.path.lexists(target):
+        raise errors.DataError(f"{target} already exists; refusing to overwrite it ({hint})")
+
+  refuse_existing()
+  created = not directory.exists()
+  directory.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(dir=directory, prefix=".partial-"))
+  try:
+    yield staging
+    refuse_existing()  # written meanwhile by someone else
+    for name, target in zip(names, targets):
+      if (staging / name).exists():
+        os.replace(staging / name, target)
+      else:
+        target.unlink(missing_ok=True)
+    created = False
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+    if created and not any(directory.iterdir()):
+      directory.rmdir()
 
 
 def write_recordio(path: str | os.PathLike, items: Iterable[tuple[bytes, int]],
-                   image_size: tuple[int, int]) -> int:
+                   image_size: tuple[int, int], *, overwrite: bool = False) -> int:
   """Writes `items` (encoded image bytes, label) as insightface's `.rec`/`.idx`/`property`.
 
   `path` as for `RecordIOSource` (a directory gets `train.*`). Images become
@@ -284,10 +330,25 @@ def write_recordio(path: str | os.PathLike, items: Iterable[tuple[bytes, int]],
   `property` is `C,H,W` with C = max label + 1. `items` must be grouped by
   label (each identity's images contiguous, as insightface's files are) and
   cover every label in [0, C); labels below 2**24; every image of
-  `image_size = (H, W)`. Returns N.
+  `image_size = (H, W)` (`folder_to_recordio` fits images of other sizes).
+  Returns N.
+
+  Refuses (`errors.DataError` naming the file) when any of the three files
+  exists, unless `overwrite`: `property` is shared by every set in a folder, so
+  a folder holds one set. The files appear once all are written
+  (`writing_new`), so a failure leaves an existing set as it was.
   """
   rec_path, idx_path, property_path = recordio_paths(path)
-  rec_path.parent.mkdir(parents=True, exist_ok=True)
+  names = [rec_path.name, idx_path.name, property_path.name]
+  with writing_new(rec_path.parent, names, overwrite=overwrite, hint=_ONE_SET_PER_FOLDER) as staging:
+    num_images, num_classes = _write_records(staging / names[0], staging / names[1], items, image_size)
+    (staging / names[2]).write_text(f"{num_classes},{image_size[0]},{image_size[1]}\n")
+  return num_images
+
+
+def _write_records(rec_path: pathlib.Path, idx_path: pathlib.Path, items: Iterable[tuple[bytes, int]],
+                   image_size: tuple[int, int]) -> tuple[int, int]:
+  """Writes the `.rec` and `.idx` of `write_recordio`; returns `(N images, C classes)`."""
   ranges = {}  # label -> [first key, end key)
   current = None
   with open(rec_path, "wb") as f, open(idx_path, "w") as index:
@@ -299,60 +360,64 @@ def write_recordio(path: str | os.PathLike, items: Iterable[tuple[bytes, int]],
     key = 0
     for key, (encoded, label) in enumerate(items, start=1):
       if not isinstance(label, (int, np.integer)) or not 0 <= label < _FLOAT32_EXACT:
-        raise ValueError(f"item {key - 1}: label {label!r} must be an int in [0, 2**24) "
-                         "(RecordIO stores labels as float32)")
+        raise errors.DataError(f"item {key - 1}: label {label!r} must be an int in [0, 2**24) "
+                               "(RecordIO stores labels as float32)")
       label = int(label)
       if label != current:
         if label in ranges:
-          raise ValueError(f"item {key - 1}: label {label} appears again after other labels; "
-                           "items must be grouped by label (sort them by label)")
+          raise errors.DataError(f"item {key - 1}: label {label} appears again after other labels; "
+                                 "items must be grouped by label (sort them by label)")
         ranges[label] = [key, key]
         current = label
       ranges[label][1] = key + 1
       _check_image(encoded, image_size, f"item {key - 1} (label {label})")
       write(key, _pack(0, label, key, image=encoded))
     if not ranges:
-      raise ValueError("no items to write")
+      raise errors.DataError("no items to write")
     num_images, num_classes = key, max(ranges) + 1
     missing = sorted(set(range(num_classes)) - set(ranges))
     if missing:
-      raise ValueError(f"label {missing[0]} has no images; labels must cover [0, {num_classes})")
+      raise errors.DataError(f"label {missing[0]} has no images; labels must cover [0, {num_classes})")
     first_identity = num_images + 1
     if first_identity + num_classes > _FLOAT32_EXACT:
-      raise ValueError(f"{num_images} images + {num_classes} identities: record keys beyond 2**24 "
-                       "are not exact in record 0's float32 labels")
+      raise errors.DataError(f"{num_images} images + {num_classes} identities: record keys beyond "
+                             "2**24 are not exact in record 0's float32 labels")
     for label in range(num_classes):
       write(first_identity + label, _pack(2, 0.0, first_identity + label, tuple(ranges[label])))
     write(0, _pack(2, 0.0, 0, (first_identity, first_identity + num_classes)))
-  property_path.write_text(f"{num_classes},{image_size[0]},{image_size[1]}\n")
-  return num_images
+  return num_images, num_classes
+
+
+def folder_items(paths: Sequence[str | os.PathLike], labels: Sequence[int] | np.ndarray,
+                 image_size: tuple[int, int], *, fit: str | None = None,
+                 image_format: str | None = None) -> Iterator[tuple[bytes, int]]:
+  """`(bytes to store, label)` of the image files `paths: (N,)` with `labels: (N,)`, to write.
+
+  Each file goes through `folders.fit_file(path, image_size, fit=, image_format=)`:
+  `image_format` None keeps a file's bytes when the image has `image_size`
+  already (fitted images become PNG), 'JPEG' (quality 95) or 'PNG'
+  re-encodes all; `fit` ('pad' | 'resize' | 'crop', see `folders.fit_geometry`)
+  brings other sizes to `image_size`, which are refused when it is None.
+  Errors name the file.
+  """
+  for path, label in zip(paths, labels, strict=True):
+    yield fit_file(path, image_size, fit=fit, image_format=image_format), int(label)
 
 
 def folder_to_recordio(root: str | os.PathLike, path: str | os.PathLike, *,
-                       image_format: str | None = None, image_size: tuple[int, int] | None = None) -> int:
+                       image_format: str | None = None, image_size: tuple[int, int] | None = None,
+                       fit: str | None = None, overwrite: bool = False) -> int:
   """Converts an image folder (`ImageFolderSource(root)`) to `path`'s `.rec`/`.idx`/`property`.
 
-  Labels are the folder source's (sorted identity names). `image_format`:
-  None keeps each file's bytes as they are (lossless; PGM/PNG/JPEG alike), or a
-  PIL format ('JPEG' at quality 95, as insightface's files; 'PNG') to re-encode.
-  `image_size = (H, W)` defaults to the first image's; every image must have it.
-  Returns the number of images.
+  Labels are the folder source's (sorted identity names). `image_size = (H, W)`
+  defaults to the first image's; `image_format` and `fit` as for
+  `folder_items`: by default every image must have the size, and its file's
+  bytes are kept (lossless; PGM/PNG/JPEG alike). `overwrite` as for
+  `write_recordio`. Returns the number of images.
   """
   source = ImageFolderSource(root)
   if image_size is None:
     with Image.open(source.paths[0]) as first:
       image_size = (first.size[1], first.size[0])
-
-  def items():
-    for index, file in enumerate(source.paths):
-      encoded = source.encoded(index)
-      _check_image(encoded, image_size, str(file))
-      if image_format is not None:
-        image = source[index][0]
-        buffer = io.BytesIO()
-        Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(
-            buffer, format=image_format, **({"quality": 95} if image_format.upper() == "JPEG" else {}))
-        encoded = buffer.getvalue()
-      yield encoded, int(source.labels[index])
-
-  return write_recordio(path, items(), image_size)
+  items = folder_items(source.paths, source.labels, image_size, fit=fit, image_format=image_format)
+  return write_recordio(path, items, image_size, overwrite=overwrite)
