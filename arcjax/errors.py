@@ -63,6 +63,8 @@ def message_of(error: BaseException) -> str | None:
     if isinstance(link, OSError) and link.errno in _DISK_FULL:
       where = f" writing {link.filename}" if link.filename else ""
       return f"disk full{where}: {link.strerror or link}"
+    if "No space left on device" in str(link):  # tensorstore's writers say it in words
+      return f"disk full: {' '.join(str(link).split())[:300]}"
   if isinstance(error, KeyboardInterrupt):
     return "interrupted"
   if isinstance(error, Error):

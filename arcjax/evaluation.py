@@ -387,8 +387,8 @@ def format_table(results: dict[str, dict[str, float]],
   for name, r in results.items():
     line = (f"  {name:<14} {_cell(r['accuracy']):>7} ± {_cell(r['accuracy_std']):<6} "
             f"{_cell(r['auc'], 1, 4):>7} {_cell(r.get(val)):>13} {_cell(r.get(tar)):>13}")
-    if baseline and name in baseline:
-      line += f" {_cell(baseline[name]['accuracy']):>15}"
+    if baseline:
+      line += f" {_cell(baseline[name]['accuracy'] if name in baseline else None):>15}"
     lines.append(line)
     if r["accuracy"] == 0.5 and r["accuracy_std"] == 0.0 and r["auc"] > 0.6:
       notes.append(

@@ -43,16 +43,29 @@ _AUTO = flags.DEFINE_bool("distributed_auto", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _flag_error(error: Exception) -> str:
+  """One line for a flag or config-file error (ml_collections nests and multi-lines them)."""
+  while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(...))
+    error = error.args[0]
+  text = str(error.args[0] if error.args else error)
+  if isinstance(error, (AttributeError, KeyError)):  # --config.no.such.key, with "Did you mean"
+    return "unknown config key " + text.replace("\n", "; ")
+  if "No such file or directory" in text:
+    return f"cannot read the config file: {text.split(']')[-1].strip() or text}"
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if "Error whilst parsing config file" in text:  # get_config raised: keep its own words
+    return f"{lines[0].split(': Error')[0]}: {lines[-1]}"
+  return " ".join(lines)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with an override of an unknown config key reported as a flag error."""
+  """absl's parsing, every flag or config-file error reported as one line."""
   try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as error:
-    # ml_collections raises these (with a "Did you mean" hint) for --config.no.such.key.
-    while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(...))
-      error = error.args[0]
-    message = str(error.args[0] if error.args else error).replace("\n", "; ")
-    sys.exit(f"FATAL Flags parsing error: unknown config key {message}")
+    argv = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a config file that failed to load raises here, not when parsed
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as error:
+    sys.exit(f"error: {_flag_error(error)}")
+  return argv
 
 
 def main(argv: list[str]) -> None:

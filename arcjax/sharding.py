@@ -239,6 +239,11 @@ class Parallelism:
     sharding = NamedSharding(self.mesh, P(AXIS))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
+  def scalars(self, metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """A step's metrics as Python floats (the same on every device: read where they lie)."""
+    return {name: float(np.asarray(value.addressable_shards[0].data).reshape(-1)[0])
+            for name, value in metrics.items()}
+
   def host(self, tree: Any) -> Any:
     """Global arrays → NumPy arrays of their whole value on this process (for evaluation).
 

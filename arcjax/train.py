@@ -64,6 +64,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   Each section is checked by the module that reads it.
   """
+  train = config.train
+  for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+    if not (isinstance(train[name], int) and train[name] > 0):
+      raise errors.ConfigError(f"config.train.{name} must be an int > 0, got {train[name]!r}")
   models.check_config(config.model)
   losses.check_config(config.loss)
   head_lib.check_config(config.head, config.loss)
@@ -72,10 +76,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   sharding.check_config(config.train, config.head)
   evaluators.check_config(config.eval, config.angles)
   arcjax_logging.check_config(config.wandb)
-  train = config.train
-  for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
-    if not (isinstance(train[name], int) and train[name] > 0):
-      raise errors.ConfigError(f"config.train.{name} must be an int > 0, got {train[name]!r}")
   if not train.max_param_norm > 0:
     raise errors.ConfigError(f"config.train.max_param_norm must be > 0, got {train.max_param_norm}")
   if config.seed < 0:
@@ -146,14 +146,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, los
     fixed = jax.lax.stop_gradient(embeddings)
     for name, weight in loss_fn.weights.items():
       term = lambda x, name=name: weight * loss_fn.terms(x, state.head, labels, key, strength)[0][name]
-      metrics[f"grad_norm/{name}"] = optax.global_norm(jax.grad(term)(fixed))
+      metrics[f"grad_norm/{name}"] = optax.tree.norm(jax.grad(term)(fixed))
   grads, metrics = collectives.mean((grads, metrics))
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   new_state = state.replace(step=state.step + 1, params=trainable["backbone"],
                             head=trainable["head"], batch_stats=batch_stats, opt_state=opt_state)
-  metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step),
-                 param_norm=optax.global_norm(trainable),
+  metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
+                 param_norm=optax.tree.norm(trainable),
                  state_finite=_all_finite((trainable, opt_state, batch_stats)).astype(jnp.float32))
   return new_state, metrics
 
@@ -277,8 +277,7 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
                step % config.train.checkpoint_every == 0 or final or stopping]
         if not any(due):
           continue
-        new_rows = [{name: float(value) for name, value in jax.device_get(m).items()}
-                    for _, m in pending]
+        new_rows = [par.scalars(m) for _, m in pending]
         _check_rows(new_rows, [s for s, _ in pending], config.train.max_param_norm,
                     checkpoints.latest_step(), directory)
         rows, pending = rows + new_rows, []

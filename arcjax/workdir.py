@@ -21,6 +21,7 @@ checkpoints are used.
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import pathlib
@@ -442,7 +443,19 @@ class Checkpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Starts writing checkpoint `step` (asynchronously; `wait` or `close` to finish)."""
+    """Starts writing checkpoint `step` (asynchronously; `wait` or `close` to finish).
+
+    A local disk without room for it is reported before anything is written
+    (OSError ENOSPC), rather than from orbax's writer threads halfway through.
+    """
+    if not is_remote(self.directory):
+      import shutil  # pylint: disable=import-outside-toplevel
+      import jax  # pylint: disable=import-outside-toplevel
+      needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) + (1 << 20)
+      free = shutil.disk_usage(self.directory).free
+      if free < needed:
+        raise OSError(errno.ENOSPC, f"checkpoint {step} needs about {needed / 2**20:.1f} MiB, "
+                      f"{free / 2**20:.1f} MiB are free", os.fspath(self.directory / CHECKPOINTS))
     self._manager.save(step, args=self._ocp.args.Composite(
         state=self._ocp.args.PyTreeSave(state), meta=self._ocp.args.JsonSave(meta)))
 
@@ -476,6 +489,11 @@ class Checkpoints:
         return self._restore(step, abstract_state, resizable)
       except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
         reason = " ".join(str(error).split())[:200] or type(error).__name__
+        if "tree structures do not match" in reason:  # whole, but of another state: keep it
+          raise errors.WorkdirError(
+              f"checkpoint {step} in {self.directory / CHECKPOINTS} holds a state of another "
+              f"structure than this run's (the model, optimiser or code changed): {reason}"
+              ) from None
         damaged.append(f"{step} ({reason})")
         print(f"note: checkpoint {step} in {self.directory / CHECKPOINTS} cannot be "
               f"restored ({reason}); trying an older one", flush=True)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from arcjax import train
+from arcjax import optim, train
 from configs import ablations, default
 
 # (m1, m2, m3) of the paper's Table 2 rows, written out here independently of margins.PRESETS.
@@ -23,7 +23,7 @@ PAPER_TERMS = {
 @pytest.mark.parametrize("row", ablations.GRIDS["table2"])
 def test_every_row_validates(row, setting):
   config = ablations.get_config(f"{row},setting={setting}")
-  train.validate_config(config)
+  train.check_config(config)
   assert set(config.keys()) == set(default.get_config().keys())  # nothing added or dropped
 
 
@@ -59,9 +59,10 @@ def test_settings_change_backbone_data_and_schedule_not_the_loss():
   cpu, paper = ablations.get_config("cm2"), ablations.get_config("cm2,setting=paper")
   assert cpu.loss == paper.loss
   assert (paper.model.name, paper.train.batch_size, paper.train.steps) == ("iresnet50", 512, 32_000)
-  assert tuple(paper.train.lr_boundaries) == (20_000, 28_000) and paper.train.lr == 0.1
+  assert optim.boundary_steps(paper.train) == [20_000, 28_000] and paper.train.lr == 0.1
   assert paper.data.name == "recordio" and tuple(paper.data.image_size) == (112, 112)
-  assert cpu.data.name == "folder" and cpu.data.path.endswith("omniglot_small")
+  assert paper.data.path == "faces_webface_112x112" and paper.eval.flip  # under the data root
+  assert cpu.data.name == "omniglot" and cpu.data.path == "" and not cpu.eval.flip  # embedded
 
 
 def test_gradient_is_an_ablation_axis():

@@ -184,14 +184,14 @@ def test_split_and_pairs_are_those_of_the_folder_pipeline(faces, tmp_path):
        "--seed", "4", "--max-pairs", "100")
   config = ml_collections.ConfigDict({
       "name": "folder", "path": str(faces), "image_size": (16, 16), "num_holdout_identities": 2,
-      "pairs_seed": 4, "max_pairs": 100, "eval_bins": ()})
+      "pairs_seed": 4, "max_pairs": 100, "eval_bins": (), "sampler": "uniform", "stage_dir": ""})
   datasets = data.get_datasets(config)
   holdout = datasets.eval_sets["holdout"]
   bins, issame = read_bin(out / "holdout.bin")
   np.testing.assert_array_equal(issame, holdout.issame)
   images = np.stack([decode_image(b) for b in bins])
-  np.testing.assert_array_equal(images[0::2], holdout.images1)
-  np.testing.assert_array_equal(images[1::2], holdout.images2)
+  np.testing.assert_array_equal(images[0::2], holdout.images[holdout.pairs[:, 0]])
+  np.testing.assert_array_equal(images[1::2], holdout.images[holdout.pairs[:, 1]])
   assert datasets.num_classes == RecordIOSource(out).num_classes == 3
 
 
@@ -219,7 +219,7 @@ def test_jpeg_conversion_is_close_to_the_reference_fit(faces, tmp_path, capsys):
   assert not set(train_names) & set((out / "holdout.identities.txt").read_text().splitlines())
   assert "wrote 15 images of 3 training identities (16x16)" in printed
   assert "wrote 60 verification pairs (30 same, 30 different) of" in printed
-  assert f"--config.data.path={out} --config.data.eval_bins=\"('{out}/holdout.bin',)\"" in printed
+  assert f'--config.data.path={out.resolve()} --config.data.image_size="(16, 16)"' in printed
   assert "python -m arcjax.main --config=configs/ablations.py:arcface,setting=paper" in printed
 
 

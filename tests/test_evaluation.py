@@ -289,23 +289,34 @@ def _toy_embed(images):
   return np.concatenate([first_row, np.ones_like(first_row)], axis=1)
 
 
-def test_embed_pairs_batches_flips_and_trims():
-  rng = np.random.default_rng(5)
-  images1 = rng.integers(0, 256, (7, 3, 4, 1), dtype=np.uint8)
-  images2 = rng.integers(0, 256, (7, 3, 4, 1), dtype=np.uint8)
+@pytest.mark.parametrize("flip", [True, False])
+def test_embed_images_batches_pads_and_fuses_flips_only_when_asked(flip):
+  images = np.random.default_rng(5).integers(0, 256, (7, 3, 4, 1), dtype=np.uint8)
   shapes = []
 
   def embed_fn(batch):
     shapes.append(batch.shape)
     return _toy_embed(batch)
 
-  e1, e2 = evaluation.embed_pairs(embed_fn, images1, images2, batch_size=3)
+  emb = evaluation.embed_images(embed_fn, images, batch_size=3, flip=flip)
   assert set(shapes) == {(3, 3, 4, 1)}
-  assert len(shapes) == 2 * 2 * 3  # 2 sides x (plain, flipped) x ceil(7 / 3) batches
-  for images, emb in ((images1, e1), (images2, e2)):
-    fused = _toy_embed(images) + _toy_embed(images[:, :, ::-1])
-    np.testing.assert_allclose(emb, fused / np.linalg.norm(fused, axis=1, keepdims=True),
-                               rtol=1e-12)
+  assert len(shapes) == (2 if flip else 1) * 3  # (plain[, flipped]) x ceil(7 / 3) batches
+  want = _toy_embed(images) + (_toy_embed(images[:, :, ::-1]) if flip else 0)
+  np.testing.assert_allclose(emb, want / np.linalg.norm(want, axis=1, keepdims=True),
+                             rtol=1e-12)
+
+
+def test_verification_table_rows_and_the_note_on_a_collapsed_model():
+  results = {"holdout": {"accuracy": 0.9303, "accuracy_std": 0.0097, "auc": 0.98,
+                         "val_at_far_1e-3": 0.61, "tar_at_far_1e-4": 0.42},
+             "lfw": {"accuracy": 0.5, "accuracy_std": 0.0, "auc": 0.93,
+                     "val_at_far_1e-3": 0.0, "tar_at_far_1e-4": 0.0}}
+  table = evaluation.format_table(results, {"holdout": {"accuracy": 0.6045}})
+  rows = table.splitlines()
+  assert rows[1].split() == ["holdout", "93.03", "±", "0.97", "0.9800", "61.00", "42.00", "60.45"]
+  assert rows[2].split()[:4] == ["lfw", "50.00", "±", "0.00"] and rows[2].split()[-1] == "–"
+  assert "note: lfw is at 50 % ± 0 but its AUC is 0.930" in table
+  assert "note: holdout" not in table
 
 
 def test_embed_images_with_a_jitted_function_compiles_once():
@@ -320,7 +331,7 @@ def test_embed_images_with_a_jitted_function_compiles_once():
     return x[:, :6] - 100.0
 
   images = np.random.default_rng(6).integers(0, 256, (10, 2, 3, 1), dtype=np.uint8)
-  emb = evaluation.embed_images(embed_fn, images, batch_size=4)
+  emb = evaluation.embed_images(embed_fn, images, batch_size=4, flip=True)
   assert traces == [(4, 2, 3, 1)]
   flat = images.reshape(10, -1).astype(np.float64)
   fused = (flat - 100) + (images[:, :, ::-1].reshape(10, -1) - 100.0)
@@ -330,13 +341,11 @@ def test_embed_images_with_a_jitted_function_compiles_once():
 
 def test_embed_errors():
   images = np.zeros((4, 2, 2, 1), np.uint8)
-  with pytest.raises(ValueError, match="same number of images"):
-    evaluation.embed_pairs(_toy_embed, images, images[:3], batch_size=2)
   with pytest.raises(ValueError, match="must be uint8, got dtype float32"):
-    evaluation.embed_images(_toy_embed, images.astype(np.float32), batch_size=2)
+    evaluation.embed_images(_toy_embed, images.astype(np.float32), batch_size=2, flip=True)
   with pytest.raises(ValueError, match=r"\(N, H, W, C\)"):
-    evaluation.embed_images(_toy_embed, images[..., 0], batch_size=2)
+    evaluation.embed_images(_toy_embed, images[..., 0], batch_size=2, flip=True)
   with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-    evaluation.embed_images(_toy_embed, images, batch_size=0)
+    evaluation.embed_images(_toy_embed, images, batch_size=0, flip=True)
   with pytest.raises(ValueError, match=r"\(2, d\) embeddings, got shape \(4,\)"):
-    evaluation.embed_images(lambda b: np.ones(4), images, batch_size=2)
+    evaluation.embed_images(lambda b: np.ones(4), images, batch_size=2, flip=True)

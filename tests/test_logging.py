@@ -28,11 +28,20 @@ def test_metrics_jsonl_round_trips_and_resume_drops_later_rows(tmp_path, monkeyp
                   {"step": 30, "train/loss": 1.25}]
   assert math.isnan(float(rows[1]["train/loss"]))
   # A run resumed from step 20 rewrites what came after it.
-  writer = arcjax_logging.MetricWriter(tmp_path, _config(), start_step=20)
+  writer = arcjax_logging.MetricWriter(tmp_path, _config(), keep_through_step=20)
+  assert writer.has(20, "eval/holdout/accuracy") and not writer.has(30, "train/loss")
   writer.write_scalars(30, {"train/loss": 1.5})
   writer.close()
   assert [row["step"] for row in arcjax_logging.read_metrics(tmp_path)] == [10, 20, 30]
   assert arcjax_logging.read_metrics(tmp_path)[-1]["train/loss"] == 1.5
+  # A run that starts afresh (no checkpoint to resume from) keeps none of them.
+  arcjax_logging.MetricWriter(tmp_path, _config()).close()
+  assert arcjax_logging.read_metrics(tmp_path) == []
+
+
+def test_a_line_cut_short_is_skipped(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "a": 1.0}\n{"step": 2, "a"')
+  assert arcjax_logging.read_metrics(tmp_path) == [{"step": 1, "a": 1.0}]
 
 
 def test_histograms_and_images_are_saved_as_npz(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""The command line: config overrides, errors before any compile, and a short real run."""
+"""The command line: config overrides, one-line errors before any compile, a cheap start,
+and a short real run with its evaluate and embed commands."""
 
 import json
 import os
@@ -6,48 +7,94 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Seconds: how long a slow, shared CI machine may take (not a speed assertion).
+PATIENCE = 600
 
 
-def _main(workdir: pathlib.Path, *overrides: str, timeout: float = 60) -> subprocess.CompletedProcess:
-  return subprocess.run(
-      [sys.executable, "-m", "arcjax.main", "--config=configs/default.py",
-       f"--workdir={workdir}", *overrides],
-      cwd=REPO, capture_output=True, text=True, timeout=timeout,
-      env={**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""})
+def _run(*args: str, python_flags=()) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, *python_flags, *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=PATIENCE,
+                        env={**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""})
+
+
+def _main(workdir: pathlib.Path, *overrides: str, python_flags=()) -> subprocess.CompletedProcess:
+  return _run("-m", "arcjax.main", "--config=configs/default.py", f"--workdir={workdir}",
+              *overrides, python_flags=python_flags)
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.train.stepz=5", "unknown config key 'stepz'; Did you mean \"steps\""),
+    ("--config.train.stepz=5", "error: unknown config key 'stepz'; Did you mean \"steps\""),
     ("--config.nosuch.field=1", "unknown config key 'nosuch'"),
-    ("--config.train.steps=-5", "bad config: config.train.steps must be > 0, got -5"),
-    ("--config.loss.s=0", "bad config: scale s must be > 0, got s=0.0"),
-    ("--config.loss.m2=4.0", "m2 must be in [0, pi), got m2=4.0"),
-    ("--config.train.parallel=ddp", "config.train.parallel must be one of"),
     ("--config.train.steps=many", "--config.train.steps=many: invalid literal for int()"),
+    ("--config.train.steps=-5", "error: config.train.steps must be an int > 0, got -5"),
+    ("--config.loss.s=0", "error: config.loss: scale s must be > 0, got s=0.0"),
+    ("--config.loss.m2=4.0", "m2 must be in [0, pi), got m2=4.0"),
+    ("--config.train.parallel=ddp", "error: config.train.parallel must be one of"),
+    ("--config.train.lr=inf", "error: config.train.lr must be finite and > 0, got inf"),
+    ("--config.data.num_holdout_identities=241",
+     "error: the data has 242 identities; with num_holdout_identities=241 held out, training "
+     "needs at least 2"),
+    ("--config.train.batch_size=4096", "error: config.train.batch_size=4096 is larger than the"),
 ])
-def test_bad_config_fails_before_anything_runs(tmp_path, override, message):
+def test_bad_config_fails_with_one_line_before_anything_compiles(tmp_path, override, message):
   result = _main(tmp_path / "run", override)
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
-  assert not (tmp_path / "run").exists()  # stopped before the workdir, data or compile
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ("configs/nonexist.py", "error: cannot read the config file: No such file or directory"),
+    ("configs/ablations.py:arcfac", "ValueError: unknown row 'arcfac' of configs/ablations.py"),
+])
+def test_a_bad_config_file_or_row_is_one_line(tmp_path, config, message):
+  result = _run("-m", "arcjax.main", f"--config={config}", f"--workdir={tmp_path}")
+  assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_mistyped_flag_is_reported_before_the_heavy_imports(tmp_path):
+  """What makes a bad flag quick: nothing of the training stack is imported to report it."""
+  result = _main(tmp_path / "run", "--config.train.stepz=5", python_flags=("-X", "importtime"))
+  assert result.returncode != 0 and "unknown config key 'stepz'" in result.stderr
+  imported = {line.split("|")[-1].strip().split(".")[0]
+              for line in result.stderr.splitlines() if line.startswith("import time:")}
+  assert "jax" in imported  # sanity: the import log was read
+  assert not imported & {"orbax", "flax", "optax", "tensorflow_datasets", "sklearn", "wandb"}
+
+
+def test_a_gs_workdir_without_credentials_fails_at_once_and_writes_nothing_here(tmp_path):
+  env = {key: value for key, value in os.environ.items()
+         if key not in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST")}
+  result = subprocess.run(
+      [sys.executable, "-m", "arcjax.main", f"--config={REPO / 'configs' / 'default.py'}",
+       "--workdir=gs://some-bucket/run", "--config.train.steps=2"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=PATIENCE,
+      env={**env, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled",
+           "CLOUDSDK_CONFIG": str(tmp_path / "no-gcloud")})
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "error: cannot use workdir gs://some-bucket/run:" in result.stderr, result.stderr[-2000:]
+  assert list(tmp_path.iterdir()) == []  # no local 'gs:' folder
 
 
 @pytest.mark.slow
-def test_short_run_prints_loss_throughput_and_verification(tmp_path):
-  result = _main(tmp_path / "run", "--config.train.steps=20", "--config.train.log_every=10",
+def test_short_run_then_evaluate_and_embed_it(tmp_path):
+  run = tmp_path / "run"
+  result = _main(run, "--config.train.steps=20", "--config.train.log_every=10",
+                 "--config.train.checkpoint_every=10",
                  "--config.train.batch_size=64", "--config.eval.every=10",
-                 "--config.data.max_pairs=600", "--config.angles.probe_size=100",
-                 timeout=240)
+                 "--config.data.max_pairs=600", "--config.angles.probe_size=100")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "loss=" in result.stderr and "img_s=" in result.stderr
-  assert "step 10 eval: holdout accuracy" in result.stdout
-  assert "final holdout: verification accuracy" in result.stdout
-  results = json.loads((tmp_path / "run" / "results.json").read_text())
-  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert "step 10 verification:" in result.stdout
+  assert "final verification (step 20):" in result.stdout
+  results = json.loads((run / "results.json").read_text())
+  config = json.loads((run / "config.json").read_text())
   assert config["train"]["steps"] == 20 and results["step"] == 20
   assert 0.5 <= results["eval"]["holdout"]["accuracy"] <= 1.0
   stats = results["angle_stats"]
@@ -55,4 +102,29 @@ def test_short_run_prints_loss_throughput_and_verification(tmp_path):
                "inter2_deg"):  # Intra2 / Inter2 on the held-out identities
     assert 0.0 < stats[name] < 180.0, (name, stats)
   for step in (0, 10, 20):
-    assert (tmp_path / "run" / "angles" / f"theta_step{step:08d}.npz").exists()
+    assert (run / "angles" / f"theta_step{step:08d}.npz").exists()
+
+  # The evaluate command reproduces results.json exactly, from a relative workdir.
+  evaluated = subprocess.run([sys.executable, "-m", "arcjax.evaluate", "--workdir=run"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=PATIENCE,
+                             env={**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": ""})
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert json.loads((run / "evaluations" / "step20.json").read_text())["eval"] == results["eval"]
+  assert f"{100 * results['eval']['holdout']['accuracy']:.2f}" in evaluated.stdout
+  # An earlier checkpoint too, and a .bin named on the command line.
+  evaluated = _run("-m", "arcjax.evaluate", f"--workdir={run}", "--step=10")
+  assert evaluated.returncode == 0 and (run / "evaluations" / "step10.json").exists()
+
+  # The embed command: one unit row per image file, in the file list's order.
+  images = tmp_path / "images" / "a"
+  images.mkdir(parents=True)
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (50, 40), dtype=np.uint8)).save(images / f"{i}.png")
+  embedded = _run("-m", "arcjax.embed", f"--workdir={run}", f"--images={images.parent}",
+                  f"--out={tmp_path / 'emb'}")
+  assert embedded.returncode == 0, embedded.stderr[-3000:]
+  vectors = np.load(tmp_path / "emb.npy")
+  assert vectors.shape == (3, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+  assert (tmp_path / "emb.txt").read_text().split() == ["a/0.png", "a/1.png", "a/2.png"]

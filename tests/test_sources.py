@@ -1,18 +1,20 @@
 """Tests of arcjax.data.sources, arcjax.data.default and get_datasets (arcjax.data)."""
 
 import gzip
-import logging
+import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
 import sklearn.datasets
 
-from arcjax import data
+from arcjax import data, errors
 from arcjax.data import default, tfds_builder
 from arcjax.data.folders import ImageFolderSource
 from arcjax.data.pipeline import load_images
 from arcjax.data.sources import ArraySource, Subset, open_set_split
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_array_source_contract_and_validation():
@@ -66,8 +68,7 @@ def _raw_idx(path, header: int) -> np.ndarray:
 
 @pytest.mark.skipif(not default.fashion_mnist_available(), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_matches_the_raw_idx_files():
-  source, name = default.load_default()
-  assert name == "fashion_mnist"
+  source = default.load_fashion_mnist()
   assert source.images.shape == (70_000, 28, 28, 1) and source.num_classes == 10
   directory = default.FASHION_MNIST_DIR
   labels = np.concatenate([_raw_idx(directory / f"{s}-labels-idx1-ubyte.gz", 8) for s in ("train", "t10k")])
@@ -75,6 +76,11 @@ def test_fashion_mnist_matches_the_raw_idx_files():
   np.testing.assert_array_equal(np.bincount(source.labels), np.full(10, 7000))
   test_images = _raw_idx(directory / "t10k-images-idx3-ubyte.gz", 16).reshape(10_000, 28, 28)
   np.testing.assert_array_equal(source.images[60_000:, ..., 0], test_images)
+
+
+def test_fashion_mnist_absent_is_one_clear_error(tmp_path):
+  with pytest.raises(errors.DataError, match="apt-get install dataset-fashion-mnist"):
+    default.load_fashion_mnist(tmp_path / "absent")
 
 
 def test_read_idx_rejects_a_wrong_magic(tmp_path):
@@ -85,12 +91,8 @@ def test_read_idx_rejects_a_wrong_magic(tmp_path):
     default.read_idx(path, 1)
 
 
-def test_digits_fallback_where_fashion_mnist_is_absent(monkeypatch, tmp_path, caplog):
-  monkeypatch.setattr(default, "FASHION_MNIST_DIR", tmp_path / "absent")
-  with caplog.at_level(logging.WARNING):
-    source, name = default.load_default()
-  assert name == "digits"
-  assert "falls back to scikit-learn's digits" in caplog.text and "absent" in caplog.text
+def test_digits_are_scikit_learns():
+  source = default.load_digits()
   digits = sklearn.datasets.load_digits()
   assert source.images.shape == (1797, 8, 8, 1) and source.images.dtype == np.uint8
   np.testing.assert_array_equal(source.images[..., 0], np.round(digits.images / 16 * 255))
@@ -99,10 +101,15 @@ def test_digits_fallback_where_fashion_mnist_is_absent(monkeypatch, tmp_path, ca
 
 def _data_config(**overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(dict(
-      name="folder", path="", image_size=None, num_holdout_identities=8, pairs_seed=0,
-      max_pairs=6000, data_dir="", eval_bins=[]))
+      name="folder", path="", stage_dir="", image_size=None, num_holdout_identities=8,
+      pairs_seed=0, max_pairs=6000, data_dir="", eval_bins=[], sampler="uniform"))
   config.update(overrides)
   return config
+
+
+def _pair_identities(pair_set, lookup):
+  ids = np.array([lookup[im.tobytes()] for im in pair_set.images.reshape(len(pair_set.images), -1)])
+  return ids[pair_set.pairs[:, 0]], ids[pair_set.pairs[:, 1]], ids
 
 
 def test_get_datasets_on_orl_is_an_open_set_split(shared_datasets):
@@ -118,42 +125,51 @@ def test_get_datasets_on_orl_is_an_open_set_split(shared_datasets):
 
   holdout = datasets.eval_sets["holdout"]
   assert set(datasets.eval_sets) == {"holdout"}
-  assert holdout.images1.shape[1:] == (56, 46, 1) and holdout.images1.dtype == np.uint8
-  assert len(holdout.issame) == len(holdout.images1) == len(holdout.images2)
+  assert holdout.images.shape[1:] == (56, 46, 1) and holdout.images.dtype == np.uint8
+  assert holdout.pairs.shape == (len(holdout.issame), 2)
   assert holdout.issame.any() and not holdout.issame.all()
   # Recover each pair image's identity from the folder by exact image match.
   resized = load_images(folder, np.arange(len(folder)), image_size=(56, 46)).reshape(len(folder), -1)
   lookup = {row.tobytes(): label for row, label in zip(resized, folder.labels)}
-  ids1 = np.array([lookup[im.tobytes()] for im in holdout.images1.reshape(len(holdout.issame), -1)])
-  ids2 = np.array([lookup[im.tobytes()] for im in holdout.images2.reshape(len(holdout.issame), -1)])
+  ids1, ids2, ids = _pair_identities(holdout, lookup)
   assert set(ids1) | set(ids2) <= holdout_identities
   np.testing.assert_array_equal(holdout.issame, ids1 == ids2)
-  # The labelled held-out images (for Intra2 / Inter2): every pair image, with its identity.
-  images, labels = datasets.holdout
-  ids = np.array([lookup[im.tobytes()] for im in images.reshape(len(images), -1)])
+  # The labelled unseen images (for Intra2 / Inter2): every pair image, with its identity.
+  images, labels = datasets.unseen
+  np.testing.assert_array_equal(images, holdout.images)
   np.testing.assert_array_equal(labels, ids)
-  assert set(ids) == set(ids1) | set(ids2)
   # The training source yields the training people's images with their new labels.
   image, label = train[0]
   np.testing.assert_array_equal(image, folder[int(train.indices[0])][0])
   assert train.original_labels[label] == folder.labels[train.indices[0]]
 
 
+def test_relative_data_paths_start_at_the_data_root(shared_datasets, monkeypatch):
+  monkeypatch.setenv(data.DATA_ROOT_ENV, str(shared_datasets))
+  datasets = data.get_datasets(_data_config(path="orl_faces", image_size=(28, 23)))
+  assert datasets.num_classes == 32
+  monkeypatch.delenv(data.DATA_ROOT_ENV)
+  assert data.data_root() == REPO / "data"
+  with pytest.raises(errors.DataError, match=r"relative paths start at the data root .*/data"):
+    data.get_datasets(_data_config(path="orl_faces"))
+
+
 def test_get_datasets_errors(shared_datasets, tmp_path):
   orl = str(shared_datasets / "orl_faces")
-  with pytest.raises(ValueError, match="unknown data name 'mnist'"):
+  with pytest.raises(errors.ConfigError, match="config.data.name must be one of"):
     data.get_datasets(_data_config(name="mnist"))
-  with pytest.raises(FileNotFoundError, match="image folder .*nowhere does not exist"):
+  with pytest.raises(errors.DataError, match="nowhere does not exist"):
     data.get_datasets(_data_config(path=str(tmp_path / "nowhere")))
-  with pytest.raises(ValueError, match="num_holdout_identities=40.*has 40"):
-    data.get_datasets(_data_config(path=orl, num_holdout_identities=40))
-  with pytest.raises(ValueError, match="num_holdout_identities=1"):
+  with pytest.raises(errors.DataError, match="40 identities; with num_holdout_identities=39"):
+    data.get_datasets(_data_config(path=orl, num_holdout_identities=39))
+  with pytest.raises(errors.ConfigError, match="num_holdout_identities must be 0 or at least 2"):
     data.get_datasets(_data_config(path=orl, num_holdout_identities=1))
+  with pytest.raises(errors.ConfigError, match="gs://.*set config.data.stage_dir"):
+    data.get_datasets(_data_config(name="recordio", path="gs://bucket/faces"))
 
 
-def test_get_datasets_default_reads_the_tfds_build(monkeypatch, tmp_path):
-  monkeypatch.setattr(default, "FASHION_MNIST_DIR", tmp_path / "absent")  # digits: a fast build
-  datasets = data.get_datasets(_data_config(name="default", data_dir=str(tmp_path / "tfds"),
+def test_digits_by_name_read_the_tfds_build(tmp_path):
+  datasets = data.get_datasets(_data_config(name="digits", data_dir=str(tmp_path / "tfds"),
                                             num_holdout_identities=3, max_pairs=200))
   assert list(tmp_path.glob("tfds/arcjax_images/digits/1.1.0/*.array_record*"))
   digits = default.load_digits()
@@ -164,10 +180,10 @@ def test_get_datasets_default_reads_the_tfds_build(monkeypatch, tmp_path):
   np.testing.assert_array_equal(train.original_labels[train.labels], stored_labels[train.indices])
   held_out = set(range(10)) - set(train.original_labels)
   holdout = datasets.eval_sets["holdout"]
-  assert holdout.images1.shape[1:] == (8, 8, 1) and 0 < len(holdout.issame) <= 200
+  assert holdout.images.shape[1:] == (8, 8, 1) and 0 < len(holdout.issame) <= 200
   # Each pair image is one of the held-out digits' images (8×8 digits images are nearly unique).
   by_image = {}
   for image, label in zip(digits.images, digits.labels):
     by_image.setdefault(image.tobytes(), set()).add(label)
-  for image in np.concatenate([holdout.images1, holdout.images2]):
+  for image in holdout.images:
     assert by_image[image.tobytes()] <= held_out

@@ -11,7 +11,7 @@ IMAGE_FOLDER holds one sub-folder of images per identity, as
                                   (`data.name='recordio'`, `data.path=OUT_DIR`)
   train.identities.txt            line c: the folder name of training label c
   <bin-name>.bin                  verification pairs of the held-out identities,
-                                  insightface's *.bin (`data.eval_bins`)
+                                  insightface's *.bin, found beside train.rec
   <bin-name>.labels.npy           int64 (2N,): the held-out identity of each of the
                                   .bin's 2N images, in its order (`pairs.read_bin_labels`)
   <bin-name>.identities.txt       line k: the folder name of held-out identity k
@@ -203,11 +203,10 @@ def _shell_flag(flag: str, value: str) -> str:
 
 
 def training_command(written: Written) -> str:
-  """The command that trains the paper's ArcFace row (IResNet-50) on what `convert` wrote."""
-  bins = () if written.bin_path is None else (str(written.bin_path),)
+  """The command that trains the paper's ArcFace row (IResNet-50) on what `convert` wrote
+  (the trainer finds the .bin beside train.rec by itself)."""
   words = ["python -m arcjax.main --config=configs/ablations.py:arcface,setting=paper",
-           _shell_flag("--config.data.path", str(written.out_dir)),
-           _shell_flag("--config.data.eval_bins", repr(bins))]
+           _shell_flag("--config.data.path", str(written.out_dir.resolve()))]
   if written.image_size != (112, 112):
     words.append(_shell_flag("--config.data.image_size", repr(written.image_size)))
   words.append(_shell_flag("--workdir", f"runs/{written.out_dir.resolve().name or 'faces'}_arcface"))
