@@ -48,8 +48,9 @@ EVALUATIONS = "evaluations"
 ANGLE_STATS = "angle_stats.json"
 RESULTS = "results.json"
 LAUNCH_LOG = "launch.log"
+SLURM_SCRIPT = "slurm.sbatch"  # what `experiments.launch --target=slurm` submits
 # Files that only a run's workdir holds: a folder with none of them is not a run.
-RUN_FILES = (RESULTS, CONFIG, METRICS, LAUNCH_LOG)
+RUN_FILES = (RESULTS, CONFIG, METRICS, LAUNCH_LOG, SLURM_SCRIPT)
 
 _REMOTE_SCHEMES = ("gs://", "s3://")
 # Config fields that change only what is recorded, when, or on which devices — not the

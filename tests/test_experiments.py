@@ -1,7 +1,15 @@
-"""Tests of experiments/: the grid launcher (commands, skip/resume, failures) and collect."""
+"""Tests of experiments/: the grid launcher (commands, statuses, seeds, SLURM and TPU-pod
+dry runs, failures) and collect (seed statistics, marks, robustness).
 
+Stand-in trainers only: a fake `arcjax/main.py` in a temporary cwd (found first
+on sys.path by `python -m arcjax.main`) that builds its config as the real one
+does and writes config.json and results.json.
+"""
+
+import csv
 import io
 import json
+import math
 import os
 import pathlib
 import shlex
@@ -10,38 +18,64 @@ import sys
 import textwrap
 
 import pytest
+from etils.epath import testing as epath_testing
 
+from arcjax import errors
+from arcjax import workdir
 from experiments import collect as collect_lib
 from experiments import launch
 
+DATA = pathlib.Path(__file__).resolve().parent / "data"
+
 GRID = textwrap.dedent("""\
+    import ml_collections
+
     def get_config(arg=None):
-      raise AssertionError("the launcher must not build configs itself")
+      if arg == "broken":
+        raise ValueError("no such row 'broken'")
+      config = ml_collections.ConfigDict()
+      config.seed = 0
+      config.lr = 0.1
+      config.name = ""
+      config.train = ml_collections.ConfigDict({"steps": 10, "log_every": 5})
+      return config
 
     def sweep(arg=None):
-      return {None: ["good", "bad", "done", "resume"], "small": ["good"]}[arg]
+      return {None: ["good", "bad", "done", "resume"], "small": ["good"],
+              "pair": ["good", "norm_softmax"], "broken": ["good", "broken"]}[arg]
     """)
 
-# Stands in for `python -m arcjax.main` (found first on sys.path: the cwd):
-# records its flags, fails for row 'bad', and writes results.json last.
+# Stands in for `python -m arcjax.main`: builds the config from its flags as the trainer
+# does, fails for row 'bad', writes config.json, then results.json last.
 FAKE_TRAINER = textwrap.dedent("""\
     import json, os, sys
-    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:])
-    workdir, row = flags["workdir"], flags["config"].rsplit(":", 1)[1]
+    from absl import flags
+    from ml_collections import config_flags
+    values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                             sys_argv=sys.argv)
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    values(sys.argv)
+    row = values["config"].serialize().rsplit(":", 1)[1].rstrip("'")
     print("training", row, flush=True)
     if row == "bad":
       print("boom", file=sys.stderr)
       sys.exit(3)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump({"argv": sys.argv[1:], "cwd": os.getcwd()}, f)
+    os.makedirs(values.workdir, exist_ok=True)
+    with open(os.path.join(values.workdir, "config.json"), "w") as f:
+      f.write(config.value.to_json_best_effort())
+    with open(os.path.join(values.workdir, "results.json"), "w") as f:
+      json.dump({"step": config.value.train.steps, "argv": sys.argv[1:], "cwd": os.getcwd()}, f)
     """)
+
+CONFIG_JSON = {"seed": 0, "lr": 0.1, "name": "", "train": {"steps": 10, "log_every": 5}}
 
 
 @pytest.fixture
 def grid_repo(tmp_path, monkeypatch) -> pathlib.Path:
-  """A cwd holding grid.py and a fake arcjax/main.py, as a repository root would."""
+  """A cwd holding grid.py, requirements.txt and a fake arcjax/main.py, as a repository."""
   (tmp_path / "grid.py").write_text(GRID)
+  (tmp_path / "requirements.txt").write_text("# pinned\njaxlib==0.10.2\njax==0.10.2\n")
   (tmp_path / "arcjax").mkdir()
   (tmp_path / "arcjax" / "__init__.py").write_text("")
   (tmp_path / "arcjax" / "main.py").write_text(FAKE_TRAINER)
@@ -50,10 +84,21 @@ def grid_repo(tmp_path, monkeypatch) -> pathlib.Path:
   return tmp_path
 
 
-def _run_main(argv):
+def _run_main(argv, **kwargs):
   out = io.StringIO()
-  status = launch.main(argv, out=out)
+  status = launch.main(argv, out=out, **kwargs)
   return status, out.getvalue()
+
+
+def _write_workdir(run_dir: pathlib.Path, config=None, *, results_step=None,
+                   checkpoint=False) -> None:
+  """A run's workdir as the trainer leaves it: config.json, maybe a checkpoint and results."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(json.dumps(config or CONFIG_JSON))
+  if checkpoint:
+    (run_dir / "checkpoints" / "10").mkdir(parents=True)
+  if results_step is not None:
+    (run_dir / "results.json").write_text(json.dumps({"step": results_step, "kept": True}))
 
 
 # --- command builders -------------------------------------------------------------
@@ -65,6 +110,8 @@ def test_trainer_command_is_the_documented_argv():
   assert argv == ["python3", "-m", "arcjax.main", "--config=configs/ablations.py:arcface_0.4",
                   "--workdir=runs/t2/arcface_0.4", "--config.train.steps=300",
                   "--config.data.path=a b"]
+  assert launch.trainer_command("g.py", "r", "w", distributed_auto=True,
+                                python="p")[-1] == "--distributed_auto"
 
 
 @pytest.mark.parametrize("bad", ["train.steps=3", "config.train.steps", "--config.x=1",
@@ -74,34 +121,53 @@ def test_override_must_be_config_field_equals_value(bad):
     launch.override_flag(bad)
 
 
-def test_tpu_pod_command_tilde_and_quoting():
-  argv = launch.tpu_pod_command("configs/ablations.py", "cm1", tpu="pod-v4", zone="us-c2-b",
-                                bucket="gs://bkt/table2/", remote_dir="~/my repo",
-                                overrides=["config.model.name=iresnet50"])
+def test_plan_runs_with_and_without_seeds():
+  assert launch.plan_runs(["a", "b"], "runs/t", ["config.lr=1"]) == [
+      launch.Run("a", None, "runs/t/a", ("config.lr=1",)),
+      launch.Run("b", None, "runs/t/b", ("config.lr=1",))]
+  runs = launch.plan_runs(["a", "b"], "gs://bkt/t", ["config.lr=1"], seeds=2)
+  assert [(r.name, r.workdir, r.overrides) for r in runs] == [
+      ("a/seed0", "gs://bkt/t/a/seed0", ("config.lr=1", "config.seed=0")),
+      ("a/seed1", "gs://bkt/t/a/seed1", ("config.lr=1", "config.seed=1")),
+      ("b/seed0", "gs://bkt/t/b/seed0", ("config.lr=1", "config.seed=0")),
+      ("b/seed1", "gs://bkt/t/b/seed1", ("config.lr=1", "config.seed=1"))]
+  assert [launch.seed_of(f) for f in ("seed0", "seed12", "seed", "seedx", "xseed1")] == [
+      0, 12, None, None, None]
+
+
+def test_tpu_pod_command_tilde_quoting_and_distributed_auto():
+  run = launch.Run("cm1", None, "gs://bkt/table2/cm1", ("config.model.name=iresnet50",))
+  argv = launch.tpu_pod_command("configs/ablations.py", run, tpu="pod-v4", zone="us-c2-b",
+                                remote_dir="~/my repo")
   assert argv[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-v4",
                       "--zone=us-c2-b", "--worker=all"]
   assert argv[8] == ("--command=cd ~/'my repo' && python3 -m arcjax.main "
                      "--config=configs/ablations.py:cm1 --workdir=gs://bkt/table2/cm1 "
-                     "--config.model.name=iresnet50")
+                     "--config.model.name=iresnet50 --distributed_auto")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"bucket": "/local/dir"}, "gs://"),
-    ({"bucket": "gs://"}, "gs://"),
-    ({"grid_path": "/abs/grid.py"}, "inside the repository"),
-    ({"grid_path": "../elsewhere/grid.py"}, "inside the repository"),
-])
-def test_tpu_pod_command_rejects_paths_workers_cannot_see(kwargs, match):
-  args = {"grid_path": "configs/ablations.py", "bucket": "gs://b"} | kwargs
-  with pytest.raises(ValueError, match=match):
-    launch.tpu_pod_command(args.pop("grid_path"), "arcface", tpu="t", zone="z", **args)
+@pytest.mark.parametrize("grid_path", ["/abs/grid.py", "../elsewhere/grid.py"])
+def test_tpu_pod_command_rejects_grids_the_workers_cannot_see(grid_path):
+  with pytest.raises(ValueError, match="inside the repository"):
+    launch.tpu_pod_command(grid_path, launch.Run("a", None, "gs://b/a", ()), tpu="t", zone="z")
 
 
-# --- grid loading --------------------------------------------------------------
+def test_pinned_jax_version(tmp_path):
+  path = tmp_path / "requirements.txt"
+  path.write_text("jaxlib==0.4.1\n# jax==9\njax==0.10.2  # pinned\nflax==1\n")
+  assert launch.pinned_jax_version(str(path)) == "0.10.2"
+  path.write_text("jaxlib==0.4.1\n")
+  with pytest.raises(errors.ConfigError, match="pins no jax version"):
+    launch.pinned_jax_version(str(path))
+
+
+# --- grid loading and the trainer's config -------------------------------------------
 
 def test_load_grid_passes_the_sweep_argument(grid_repo):
   assert launch.load_grid("grid.py") == ("grid.py", ["good", "bad", "done", "resume"])
   assert launch.load_grid("grid.py:small") == ("grid.py", ["good"])
+  assert launch.grid_name("configs/ablations.py:table5,setting=paper") == "table5_setting_paper"
+  assert launch.grid_name("grid.py") == "grid"
 
 
 @pytest.mark.parametrize("source, match", [
@@ -109,52 +175,352 @@ def test_load_grid_passes_the_sweep_argument(grid_repo):
     ("def sweep(): return 'arcface'\n", "must return a list"),
     ("def sweep(): return ['a', 'a']\n", "more than once"),
     ("def sweep(): return ['a/b']\n", "not usable as a run directory"),
+    ("def sweep(): return ['seed3']\n", "not usable as a run directory"),
     ("def sweep(): return []\n", "no rows"),
 ])
 def test_load_grid_errors_name_the_file(tmp_path, source, match):
   path = tmp_path / "g.py"
   path.write_text(source)
-  with pytest.raises(ValueError, match=match) as e:
+  with pytest.raises(errors.ConfigError, match=match) as e:
     launch.load_grid(str(path))
   assert str(path) in str(e.value)
 
 
-def test_load_grid_missing_file(tmp_path):
-  with pytest.raises(ValueError, match="nope.py.*does not exist"):
-    launch.load_grid(str(tmp_path / "nope.py") + ":table5")
+def test_trainer_config_parses_like_the_trainer(grid_repo):
+  config = launch.trainer_config("grid.py", "good", ["config.train.steps=7", "config.seed=3",
+                                                     "config.name=a 'b' c"])
+  assert (config.train.steps, config.seed, config.name, config.lr) == (7, 3, "a 'b' c", 0.1)
+  with pytest.raises(errors.ConfigError, match=r"grid.py:good: .*'stepz'"):
+    launch.trainer_config("grid.py", "good", ["config.train.stepz=7"])
+  with pytest.raises(errors.ConfigError, match=r"grid.py:good: .*config.train.steps=x"):
+    launch.trainer_config("grid.py", "good", ["config.train.steps=x"])
+  with pytest.raises(errors.ConfigError, match=r"^grid.py:broken: ValueError: no such row"):
+    launch.trainer_config("grid.py", "broken")
 
 
-# --- command line: TPU pod, dry run ------------------------------------------------
+def test_run_status_of_each_kind_of_workdir(grid_repo):
+  runs = {row: launch.Run(row, None, f"runs/{row}", ()) for row in
+          ("new", "unfinished", "finished", "more_steps", "changed", "changed_free")}
+  _write_workdir(grid_repo / "runs" / "unfinished", checkpoint=True)
+  _write_workdir(grid_repo / "runs" / "finished", checkpoint=True, results_step=10)
+  _write_workdir(grid_repo / "runs" / "more_steps", {**CONFIG_JSON, "train": {
+      "steps": 5, "log_every": 5}}, checkpoint=True, results_step=5)
+  _write_workdir(grid_repo / "runs" / "changed", {**CONFIG_JSON, "lr": 0.5}, checkpoint=True)
+  _write_workdir(grid_repo / "runs" / "changed_free", {**CONFIG_JSON, "train": {
+      "steps": 10, "log_every": 1}}, checkpoint=True, results_step=10)
+  status = {row: launch.run_status("grid.py", run) for row, run in runs.items()}
+  assert {row: s for row, (s, _) in status.items()} == {
+      "new": "new", "unfinished": "unfinished", "finished": "finished",
+      "more_steps": "unfinished", "changed": "changed", "changed_free": "finished"}
+  assert workdir.describe_changes(status["changed"][1]) == "lr: 0.5 → 0.1"
 
-def test_tpu_pod_dry_run_prints_pasteable_commands(grid_repo):
-  status, out = _run_main([
-      "--grid=grid.py", "--target=tpu-pod", "--tpu=my-pod", "--zone=europe-west4-a",
-      "--bucket=gs://bkt/table2", "--override", "config.train.steps=300",
-      "config.data.path=/data/o'brien faces", "--dry-run"])
+
+# --- command line: usage and one-line errors ---------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid=grid.py", "--target=gke", "--workdir=w"], "invalid choice: 'gke'"),
+    (["--grid=grid.py", "--target=tpu-pod", "--bucket=gs://b"], "needs --tpu, --zone"),
+    (["--grid=grid.py", "--target=tpu-pod", "--tpu=t", "--zone=z"], "needs --bucket"),
+    (["--grid=grid.py", "--target=tpu-pod", "--tpu=t", "--zone=z", "--bucket=/local"],
+     "--bucket must be a gs://"),
+    (["--grid=grid.py", "--target=tpu-pod", "--tpu=t", "--zone=z", "--bucket=gs://b",
+      "--workdir=w"], "--workdir is for --target=local or slurm"),
+    (["--grid=grid.py"], "needs --workdir"),
+    (["--grid=grid.py", "--target=slurm"], "--target=slurm needs --workdir"),
+    (["--grid=grid.py", "--workdir=gs://b/x"], "needs a local (or shared) --workdir"),
+    (["--grid=grid.py", "--workdir=w", "--tpu=t"], "--tpu only applies to --target=tpu-pod"),
+    (["--grid=grid.py", "--workdir=w", "--nodes=2"], "--nodes only applies to --target=slurm"),
+    (["--grid=grid.py", "--workdir=w", "--target=slurm", "--parallel=2"],
+     "--parallel only applies to --target=local"),
+    (["--grid=grid.py", "--workdir=w", "--parallel=0"], "--parallel must be >= 1"),
+    (["--grid=grid.py", "--workdir=w", "--seeds=0"], "--seeds must be >= 1"),
+    (["--grid=grid.py", "--workdir=w", "--seeds=2", "--override", "config.seed=4"],
+     "drop --override config.seed"),
+    (["--grid=grid.py", "--workdir=w", "--override", "steps=3"], "'steps=3'"),
+])
+def test_usage_errors(grid_repo, capsys, argv, message):
+  with pytest.raises(SystemExit) as e:
+    launch.main(argv + ["--dry-run"], out=io.StringIO())
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid=missing.py", "--workdir=w"], "error: grid file 'missing.py' does not exist"),
+    (["--grid=grid.py:broken", "--workdir=w"], "error: grid.py:broken: ValueError: no such row"),
+    (["--grid=grid.py", "--workdir=w", "--override", "config.trian.steps=3"],
+     "error: grid.py:good: "),
+])
+def test_expected_errors_are_one_line(grid_repo, capsys, argv, message):
+  with pytest.raises(SystemExit) as e:
+    launch.main(argv, out=io.StringIO())
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count("\n") == 1, err
+  with pytest.raises(errors.ConfigError):  # --traceback: the error itself
+    launch.main(argv + ["--traceback"], out=io.StringIO())
+
+
+def test_a_mixed_layout_is_refused(grid_repo, capsys):
+  _write_workdir(grid_repo / "runs" / "good")
+  with pytest.raises(SystemExit):
+    launch.main(["--grid=grid.py:small", "--workdir=runs", "--seeds=2", "--dry-run"])
+  assert "runs/good holds a single run (no --seeds)" in capsys.readouterr().err
+  _write_workdir(grid_repo / "seeded" / "good" / "seed1")
+  with pytest.raises(SystemExit):
+    launch.main(["--grid=grid.py:small", "--workdir=seeded", "--dry-run"])
+  assert "seeded/good holds seeded runs (seed1): launch with --seeds" in capsys.readouterr().err
+
+
+# --- command line: local runs ------------------------------------------------------
+
+def test_local_dry_run_shows_each_status_and_the_commands_to_run(grid_repo):
+  _write_workdir(grid_repo / "runs" / "done", results_step=10)
+  _write_workdir(grid_repo / "runs" / "resume", {**CONFIG_JSON, "lr": 0.5}, checkpoint=True)
+  (grid_repo / "runs" / "bad").mkdir()
+  (grid_repo / "runs" / "bad" / "results.json").write_text('{"step": 10}')  # no config.json
+  status, out = _run_main(["--grid=grid.py", "--workdir=runs", "--dry-run",
+                           "--override", "config.name=x y"])
   assert status == 0
+
+  def command(row):
+    return shlex.join([sys.executable, "-m", "arcjax.main", f"--config=grid.py:{row}",
+                       f"--workdir=runs/{row}", "--config.name=x y"])
+
+  assert out.splitlines() == [
+      "# good: new", command("good"),
+      "# bad: new", command("bad"),  # results.json alone is not a finished run
+      "# done: finished, skipped",
+      '# resume: changed (lr: 0.5 → 0.1, name: "" → "x y"), not run']
+  assert sorted(os.listdir(grid_repo / "runs")) == ["bad", "done", "resume"]
+
+
+def test_local_dry_run_with_seeds(grid_repo):
+  _write_workdir(grid_repo / "runs" / "good" / "seed1", {**CONFIG_JSON, "seed": 1},
+                 results_step=10)
+  status, out = _run_main(["--grid=grid.py:small", "--workdir=runs", "--seeds=3", "--dry-run"])
+  assert status == 0
+  assert out.splitlines() == [
+      "# good/seed0: new",
+      shlex.join([sys.executable, "-m", "arcjax.main", "--config=grid.py:good",
+                  "--workdir=runs/good/seed0", "--config.seed=0"]),
+      "# good/seed1: finished, skipped",
+      "# good/seed2: new",
+      shlex.join([sys.executable, "-m", "arcjax.main", "--config=grid.py:good",
+                  "--workdir=runs/good/seed2", "--config.seed=2"])]
+
+
+def test_local_runs_skip_finished_resume_unfinished_refuse_changed_survive_failures(grid_repo):
+  runs = grid_repo / "runs"
+  steps5 = {**CONFIG_JSON, "train": {"steps": 5, "log_every": 5}}
+  _write_workdir(runs / "done", steps5, results_step=5, checkpoint=True)
+  _write_workdir(runs / "resume", steps5, checkpoint=True)
+  (runs / "resume" / "launch.log").write_text("earlier attempt\n")
+  _write_workdir(runs / "good", {**steps5, "lr": 0.3}, checkpoint=True)
+  status, out = _run_main(["--grid=grid.py", "--workdir=runs", "--parallel=2",
+                           "--override", "config.train.steps=5"])
+  assert status == 1
+  assert json.loads((runs / "done" / "results.json").read_text())["kept"]
+  assert not (runs / "good" / "results.json").exists()  # changed: not run
+  written = json.loads((runs / "resume" / "results.json").read_text())
+  assert written["argv"] == ["--config=grid.py:resume", "--workdir=runs/resume",
+                             "--config.train.steps=5"] and written["step"] == 5
+  assert not (runs / "bad" / "results.json").exists()
+  bad_log = (runs / "bad" / "launch.log").read_text().splitlines()
+  assert bad_log[0].startswith("=== ") and bad_log[0].endswith("--config.train.steps=5")
+  assert bad_log[1:] == ["training bad", "boom"]
+  resume_log = (runs / "resume" / "launch.log").read_text().splitlines()
+  assert resume_log[0] == "earlier attempt" and resume_log[2] == "training resume"
   lines = out.splitlines()
-  assert len(lines) == 4
-  for row, line in zip(["good", "bad", "done", "resume"], lines):
-    argv = shlex.split(line)
-    assert argv[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-pod",
-                         "--zone=europe-west4-a", "--worker=all"]
-    flag, remote = argv[-1].split("=", 1)
-    assert flag == "--command"
-    assert shlex.split(remote) == [
-        "cd", "~/arcjax", "&&", "python3", "-m", "arcjax.main", f"--config=grid.py:{row}",
-        f"--workdir=gs://bkt/table2/{row}", "--config.train.steps=300",
-        "--config.data.path=/data/o'brien faces"]
-  assert not list(grid_repo.glob("gs:*"))
+  assert "[bad] boom" in lines and "[resume] training resume" in lines
+  assert "[resume] resuming (earlier attempts in runs/resume/launch.log)" in lines
+  summary = lines[lines.index("summary: 1 finished, 1 failed, 1 skipped, 1 changed"):]
+  assert [line.split()[:2] for line in summary[1:5]] == [
+      ["changed", "good"], ["failed", "bad"], ["skipped", "done"], ["finished", "resume"]]
+  assert summary[1].endswith("(lr: 0.3 → 0.1)")
+  assert summary[2].endswith("(exit status 3)  runs/bad/launch.log")
+  assert summary[5].startswith("1 run(s) hold a checkpoint trained with another config")
+  assert "new --workdir" in summary[5] and "--allow_config_change" in summary[5]
+  assert shlex.split(summary[6]) == [
+      sys.executable, "-m", "arcjax.main", "--config=grid.py:good", "--workdir=runs/good",
+      "--config.train.steps=5", "--allow_config_change"]
+  # A second launch has nothing left but the failed run (and the changed one).
+  status, out = _run_main(["--grid=grid.py", "--workdir=runs", "--override",
+                           "config.train.steps=5"])
+  assert status == 1
+  assert "summary: 0 finished, 1 failed, 2 skipped, 1 changed" in out.splitlines()
+
+
+def test_a_finished_run_asked_for_more_steps_resumes(grid_repo):
+  _write_workdir(grid_repo / "runs" / "good", results_step=10, checkpoint=True)
+  status, out = _run_main(["--grid=grid.py:small", "--workdir=runs",
+                           "--override", "config.train.steps=20"])
+  assert status == 0 and "summary: 1 finished, 0 failed, 0 skipped" in out
+  assert json.loads((grid_repo / "runs" / "good" / "results.json").read_text())["step"] == 20
+
+
+def test_seeded_runs_get_their_seed(grid_repo):
+  status, out = _run_main(["--grid=grid.py:small", "--workdir=runs", "--seeds=2"])
+  assert status == 0 and "summary: 2 finished, 0 failed, 0 skipped" in out
+  for seed in (0, 1):
+    run_dir = grid_repo / "runs" / "good" / f"seed{seed}"
+    assert json.loads((run_dir / "config.json").read_text())["seed"] == seed
+    assert json.loads((run_dir / "results.json").read_text())["argv"][-1] == (
+        f"--config.seed={seed}")
+  status, out = _run_main(["--grid=grid.py:small", "--workdir=runs", "--seeds=3"])
+  assert "summary: 1 finished, 0 failed, 2 skipped" in out
+
+
+def test_run_jobs_reports_a_command_that_cannot_start(tmp_path):
+  outcomes, signum = launch.run_jobs(
+      [launch.Job("x", ("/nonexistent/trainer",), str(tmp_path / "x" / "launch.log"))],
+      out=io.StringIO())
+  assert signum is None
+  assert outcomes[0].status == "failed" and "could not start" in outcomes[0].detail
+
+
+# --- SLURM --------------------------------------------------------------------------
+
+SLURM_ARGS = ["--grid=grid.py:pair", "--target=slurm", "--workdir=runs/t", "--seeds=2",
+              "--nodes=2", "--gpus-per-node=4", "--partition=gpu", "--time=1-00:00:00",
+              "--account=proj", "--slurm-setup=source .venv/bin/activate",
+              "--override", "config.name=o'brien x"]
+
+
+def test_slurm_dry_run_matches_the_recorded_scripts(grid_repo):
+  _write_workdir(grid_repo / "runs" / "t" / "good" / "seed1", {**CONFIG_JSON, "seed": 1,
+                                                               "name": "o'brien x"},
+                 results_step=10, checkpoint=True)
+  status, out = _run_main(SLURM_ARGS + ["--dry-run"])
+  assert status == 0
+  expected = (DATA / "launch_slurm_dry_run.txt").read_text().replace("{repo}", str(grid_repo))
+  assert out == expected
+  assert not (grid_repo / "runs" / "t" / "good" / "seed0").exists()
+
+
+def test_slurm_dry_run_output_is_a_shell_script_doing_what_the_launcher_does(grid_repo):
+  """Pasting the dry run into bash (with a stand-in sbatch) writes the same scripts."""
+  _, out = _run_main(SLURM_ARGS + ["--dry-run"])
+  bin_dir = grid_repo / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "sbatch").write_text("#!/bin/sh\necho \"$@\" >> sbatch.calls\n")
+  (bin_dir / "sbatch").chmod(0o755)
+  subprocess.run(["bash", "-e"], input=out, text=True, check=True, cwd=grid_repo,
+                 env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  pasted = {p: p.read_text() for p in (grid_repo / "runs").rglob("slurm.sbatch")}
+  for path in pasted:
+    path.unlink()
+  submitted = []
+  status, _ = _run_main(SLURM_ARGS, submit=lambda argv: submitted.append(argv) or "7")
+  assert status == 0
+  written = {p: p.read_text() for p in (grid_repo / "runs").rglob("slurm.sbatch")}
+  assert written == pasted and len(written) == 4
+  calls = (grid_repo / "sbatch.calls").read_text().splitlines()
+  assert calls == [shlex.join(argv[1:]) for argv in submitted]
+
+
+def test_slurm_submits_each_run_and_reports_failures(grid_repo):
+  _write_workdir(grid_repo / "runs" / "t" / "good", results_step=10)
+  submitted = []
+
+  def submit(argv):
+    submitted.append(argv)
+    if "norm_softmax" in argv[-1]:
+      raise errors.Error("sbatch: error: invalid partition")
+    return "4242"
+
+  status, out = _run_main(["--grid=grid.py:pair", "--target=slurm", "--workdir=runs/t"],
+                          submit=submit)
+  assert status == 1
+  script = grid_repo / "runs" / "t" / "norm_softmax" / "slurm.sbatch"
+  assert submitted == [["sbatch", "--parsable", str(script)]]
+  assert script.read_text().splitlines()[-1] == shlex.join([
+      "srun", "--kill-on-bad-exit=1", "python3", "-m", "arcjax.main",
+      "--config=grid.py:norm_softmax", f"--workdir={script.parent}", "--distributed_auto"])
+  assert "JAX_LOCAL_DEVICE_IDS" not in script.read_text()  # no --gpus-per-node
+  lines = out.splitlines()
+  assert lines[0] == "[norm_softmax] FAILED to submit: sbatch: error: invalid partition"
+  assert lines[1] == "summary: 0 finished, 1 failed, 1 skipped"
+  submitted.clear()
+  status, out = _run_main(["--grid=grid.py:small", "--target=slurm", "--workdir=more"],
+                          submit=submit)
+  assert status == 0 and "submitted: job 4242" in out and "1 submitted" in out
+
+
+# --- TPU pod -------------------------------------------------------------------------
+
+def test_tpu_pod_dry_run_matches_the_recorded_commands(grid_repo):
+  status, out = _run_main([
+      "--grid=grid.py:pair", "--target=tpu-pod", "--tpu=my-pod", "--zone=europe-west4-a",
+      "--bucket=gs://bkt/table2/", "--seeds=2", "--commit=v1.0", "--remote-dir=~/my repo",
+      "--override", "config.train.steps=300", "config.name=/data/o'brien faces", "--dry-run"])
+  assert status == 0
+  assert out == (DATA / "launch_tpu_pod_dry_run.txt").read_text()
+  assert not list(grid_repo.glob("gs:*")) and not (grid_repo / "runs").exists()
+  commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+  assert commands[1] == ["git", "archive", "--format=tar.gz",
+                         "--output=runs/pair-logs/arcjax.tar.gz", "v1.0"]
+  remote = commands[3][-1].removeprefix("--command=")
+  assert shlex.split(remote)[-4:] == ["jax[tpu]==0.10.2", "gcsfs", "-f",
+                                      launch.LIBTPU_RELEASES]
+  flag, trainer = commands[4][-1].split("=", 1)
+  assert flag == "--command" and shlex.split(trainer) == [
+      "cd", "~/my repo", "&&", "python3", "-m", "arcjax.main", "--config=grid.py:good",
+      "--workdir=gs://bkt/table2/good/seed0", "--config.train.steps=300",
+      "--config.name=/data/o'brien faces", "--config.seed=0", "--distributed_auto"]
+  assert commands[-1] == ["python", "-m", "experiments.collect", "gs://bkt/table2"]
+
+
+def test_tpu_pod_skip_deploy(grid_repo):
+  status, out = _run_main(["--grid=grid.py:small", "--target=tpu-pod", "--tpu=p", "--zone=z",
+                           "--bucket=gs://b/x", "--skip-deploy", "--dry-run"])
+  assert status == 0
+  assert "git archive" not in out and "scp" not in out
+  assert len([line for line in out.splitlines() if line.startswith("gcloud")]) == 1
+
+
+def test_tpu_pod_deploys_then_runs_each_row_with_its_log(grid_repo, monkeypatch):
+  """The real (not dry) sequence, with a stand-in `gcloud` on PATH that records its calls."""
+  subprocess.run(["git", "init", "-q"], cwd=grid_repo, check=True)
+  subprocess.run(["git", "add", "grid.py", "requirements.txt"], cwd=grid_repo, check=True)
+  subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
+                 cwd=grid_repo, check=True)
+  bin_dir = grid_repo / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(textwrap.dedent("""\
+      #!/bin/sh
+      echo "$4 $*" >> gcloud.calls
+      case "$*" in *grid.py:bad*) echo "worker 0: boom"; exit 1;; esac
+      echo "worker 0: ok $4"
+      """))
+  (bin_dir / "gcloud").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  status, out = _run_main(["--grid=grid.py", "--target=tpu-pod", "--tpu=pod", "--zone=z",
+                           "--bucket=gs://b/t"])
+  assert status == 1
+  calls = (grid_repo / "gcloud.calls").read_text().splitlines()
+  assert [call.split()[0] for call in calls] == ["scp", "ssh", "ssh", "ssh", "ssh", "ssh"]
+  assert [c.split("--config=")[1].split()[0] for c in calls[2:]] == [
+      "grid.py:good", "grid.py:bad", "grid.py:done", "grid.py:resume"]
+  logs = grid_repo / "runs" / "grid-logs"
+  assert subprocess.run(["tar", "-tzf", logs / "arcjax.tar.gz"], capture_output=True,
+                        text=True, check=True).stdout.split() == ["grid.py", "requirements.txt"]
+  assert (logs / "deploy.log").read_text().count("=== ") == 4
+  assert (logs / "bad.log").read_text().splitlines()[1:] == ["worker 0: boom"]
+  lines = out.splitlines()
+  assert "[good] worker 0: ok ssh" in lines and "[bad] worker 0: boom" in lines
+  assert "summary: 3 finished, 1 failed, 0 skipped" in lines
+  assert lines[-1] == "the table: python -m experiments.collect gs://b/t"
 
 
 def test_tpu_pod_remote_command_runs_in_a_real_shell(grid_repo, tmp_path_factory):
   """What a worker's shell does with --command: cd to the repo under ~, run the trainer."""
   home = tmp_path_factory.mktemp("home")
   os.symlink(grid_repo, home / "my repo")
-  argv = launch.tpu_pod_command("grid.py", "good", tpu="t", zone="z", bucket="gs://b/x",
-                                remote_dir="~/my repo", remote_python=sys.executable,
-                                overrides=["config.name=a 'b' c"])
-  remote = argv[-1].removeprefix("--command=")
+  run = launch.Run("good", None, "gs://b/x/good", ("config.name=a 'b' c",))
+  argv = launch.tpu_pod_command("grid.py", run, tpu="t", zone="z", remote_dir="~/my repo",
+                                remote_python=sys.executable)
+  remote = argv[-1].removeprefix("--command=").removesuffix(" --distributed_auto")
   # The fake trainer cannot write to gs://; a local folder of that name stands in.
   result = subprocess.run(["bash", "-c", remote], cwd="/", capture_output=True, text=True,
                           env={"HOME": str(home), "PATH": os.environ["PATH"]})
@@ -165,79 +531,31 @@ def test_tpu_pod_remote_command_runs_in_a_real_shell(grid_repo, tmp_path_factory
   assert os.path.realpath(written["cwd"]) == os.path.realpath(grid_repo)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--grid=grid.py", "--target=gke", "--workdir=w"], "invalid choice: 'gke'"),
-    (["--grid=grid.py", "--target=tpu-pod", "--bucket=gs://b"], "needs --tpu, --zone"),
-    (["--grid=grid.py", "--target=tpu-pod", "--tpu=t", "--zone=z"], "needs --bucket"),
-    (["--grid=grid.py", "--target=tpu-pod", "--tpu=t", "--zone=z", "--bucket=gs://b",
-      "--workdir=w"], "--workdir is for --target=local"),
-    (["--grid=grid.py"], "needs --workdir"),
-    (["--grid=grid.py", "--workdir=w", "--tpu=t"], "--tpu only apply"),
-    (["--grid=grid.py", "--workdir=w", "--parallel=0"], "--parallel must be >= 1"),
-    (["--grid=grid.py", "--workdir=w", "--override", "steps=3"], "'steps=3'"),
-    (["--grid=missing.py", "--workdir=w"], "grid file 'missing.py' does not exist"),
-])
-def test_command_line_errors(grid_repo, capsys, argv, message):
-  with pytest.raises(SystemExit) as e:
-    launch.main(argv + ["--dry-run"], out=io.StringIO())
-  assert e.value.code == 2
-  assert message in capsys.readouterr().err
-
-
-# --- command line: local runs ------------------------------------------------------
-
-def test_local_dry_run_lists_unfinished_runs_only(grid_repo):
-  (grid_repo / "runs" / "done").mkdir(parents=True)
-  (grid_repo / "runs" / "done" / "results.json").write_text("{}")
-  status, out = _run_main(["--grid=grid.py", "--workdir=runs", "--dry-run",
-                           "--override", "config.seed=1"])
-  assert status == 0
-  lines = out.splitlines()
-  assert lines[2] == "# done: finished (runs/done/results.json exists), skipped"
-  commands = [shlex.split(line) for i, line in enumerate(lines) if i != 2]
-  assert commands == [[sys.executable, "-m", "arcjax.main", f"--config=grid.py:{row}",
-                       f"--workdir=runs/{row}", "--config.seed=1"]
-                      for row in ("good", "bad", "resume")]
-  assert sorted(os.listdir(grid_repo / "runs")) == ["done"]
-
-
-def test_local_runs_skip_finished_resume_unfinished_and_survive_failures(grid_repo):
-  runs = grid_repo / "runs"
-  (runs / "done").mkdir(parents=True)
-  (runs / "done" / "results.json").write_text('{"kept": true}')
-  (runs / "resume").mkdir()
-  (runs / "resume" / "launch.log").write_text("earlier attempt\n")
-  status, out = _run_main(["--grid=grid.py", "--workdir=runs", "--parallel=2",
-                           "--override", "config.train.steps=5"])
-  assert status == 1
-  assert json.loads((runs / "done" / "results.json").read_text()) == {"kept": True}
-  for row in ("good", "resume"):
-    written = json.loads((runs / row / "results.json").read_text())
-    assert written["argv"] == [f"--config=grid.py:{row}", f"--workdir=runs/{row}",
-                               "--config.train.steps=5"]
-  assert not (runs / "bad" / "results.json").exists()
-  bad_log = (runs / "bad" / "launch.log").read_text().splitlines()
-  assert bad_log[0].startswith("=== ") and bad_log[0].endswith("--config.train.steps=5")
-  assert bad_log[1:] == ["training bad", "boom"]
-  resume_log = (runs / "resume" / "launch.log").read_text().splitlines()
-  assert resume_log[0] == "earlier attempt" and resume_log[2] == "training resume"
-  lines = out.splitlines()
-  assert "[bad] boom" in lines and "[good] training good" in lines
-  assert "[resume] resuming (earlier attempts in runs/resume/launch.log)" in lines
-  summary = lines[lines.index("summary: 2 finished, 1 failed, 1 skipped"):]
-  assert [line.split()[:2] for line in summary[1:]] == [
-      ["finished", "good"], ["failed", "bad"], ["skipped", "done"], ["finished", "resume"]]
-  assert summary[2].endswith("(exit status 3)  runs/bad/launch.log")
-  # A second launch has nothing left but the failed run.
-  status, out = _run_main(["--grid=grid.py", "--workdir=runs"])
-  assert status == 1
-  assert "summary: 0 finished, 1 failed, 3 skipped" in out.splitlines()
-
-
-def test_run_jobs_reports_a_command_that_cannot_start(tmp_path):
-  outcomes = launch.run_jobs([launch.Job("x", ("/nonexistent/trainer",), None)],
-                             out=io.StringIO())
-  assert outcomes[0].status == "failed" and "could not start" in outcomes[0].detail
+def test_tpu_pod_deploy_command_unpacks_the_archive_in_a_real_shell(grid_repo,
+                                                                   tmp_path_factory):
+  """git archive, then the worker's unpack + install (pip stands in) in a real shell."""
+  subprocess.run(["git", "init", "-q"], cwd=grid_repo, check=True)
+  subprocess.run(["git", "add", "grid.py", "requirements.txt"], cwd=grid_repo, check=True)
+  subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
+                 cwd=grid_repo, check=True)
+  home = tmp_path_factory.mktemp("home")
+  deploy = launch.deploy_commands(tpu="t", zone="z", commit="HEAD",
+                                  archive=str(home / "arcjax.tar.gz"), remote_dir="~/my repo",
+                                  remote_python="fakepython", jax_version="0.10.2")
+  for argv in deploy[:2]:
+    subprocess.run(argv, cwd=grid_repo, check=True)
+  bin_dir = home / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "fakepython").write_text("#!/bin/sh\npwd > ~/pip.cwd\necho \"$@\" > ~/pip.args\n")
+  (bin_dir / "fakepython").chmod(0o755)
+  remote = deploy[3][-1].removeprefix("--command=")
+  subprocess.run(["bash", "-c", remote], cwd="/", check=True,
+                 env={"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+  assert (home / "my repo" / "grid.py").read_text() == GRID
+  assert (home / "pip.cwd").read_text().strip() == str(home / "my repo")
+  assert (home / "pip.args").read_text().split() == [
+      "-m", "pip", "install", "-r", "requirements.txt", "jax[tpu]==0.10.2", "gcsfs", "-f",
+      launch.LIBTPU_RELEASES]
 
 
 # --- collect ------------------------------------------------------------------------
@@ -254,7 +572,7 @@ def _write_run(root: pathlib.Path, name: str, results=None, metrics=None, config
 
 
 _STATS = {"w_ec_deg": 14.29, "w_inter_deg": 81.03, "intra1_deg": 15.0123,
-          "inter1_deg": 72.991, "intra2_deg": None, "inter2_deg": None}
+          "inter1_deg": 72.991}
 
 
 @pytest.fixture
@@ -268,7 +586,10 @@ def runs_root(tmp_path) -> pathlib.Path:
   _write_run(root, "arcface", {
       "step": 300, "loss": "arcface",
       "eval": {"lfw": {"accuracy": 0.99534, "accuracy_std": 0.001}}, "angle_stats": _STATS})
-  _write_run(root, "triplet", metrics='{"step": 100}\n{"step": 200}\n{"step": 3')
+  _write_run(root, "triplet", {
+      "step": 300, "loss": "triplet", "eval": {"lfw": {"accuracy": 0.5, "accuracy_std": 0.1}},
+      "angle_stats": {**_STATS, "w_ec_deg": None, "w_inter_deg": None}})
+  _write_run(root, "ws_queued", metrics='{"step": 100}\n{"step": 200}\n{"step": 3')
   _write_run(root, "zz_queued", config=False, metrics=None)
   (root / "zz_queued" / "launch.log").write_text("")
   (root / "not_a_run").mkdir()
@@ -276,15 +597,16 @@ def runs_root(tmp_path) -> pathlib.Path:
 
 
 def test_collect_reads_finished_and_unfinished_runs(runs_root):
-  rows = collect_lib.collect(str(runs_root))
-  assert [(r["name"], r["finished"], r["step"]) for r in rows] == [
-      ("arcface", True, 300), ("norm_softmax", True, 300), ("triplet", False, 200),
-      ("zz_queued", False, None)]
-  assert rows[0]["config"] == {"loss": {"preset": "arcface"}} and rows[3]["config"] is None
-  assert collect_lib.eval_sets(rows) == ["lfw", "cfp_fp"]
+  runs = collect_lib.collect(str(runs_root))
+  assert [(r["name"], r["row"], r["seed"], r["finished"], r["step"]) for r in runs] == [
+      ("arcface", "arcface", None, True, 300), ("norm_softmax", "norm_softmax", None, True, 300),
+      ("triplet", "triplet", None, True, 300), ("ws_queued", "ws_queued", None, False, 200),
+      ("zz_queued", "zz_queued", None, False, None)]
+  assert runs[0]["config"] == {"loss": {"preset": "arcface"}} and runs[4]["config"] is None
+  assert runs[2]["angle_stats"]["w_ec_deg"] is None
 
 
-def test_to_markdown(runs_root):
+def test_to_markdown_single_runs(runs_root):
   expected = (
       "| Loss | lfw (%) | cfp_fp (%) | W-EC (°) | W-Inter (°) | Intra1 (°) | Inter1 (°) "
       "| Intra2 (°) | Inter2 (°) |\n"
@@ -292,42 +614,212 @@ def test_to_markdown(runs_root):
       "| arcface | 99.53 ± 0.10 | — | 14.29 | 81.03 | 15.01 | 72.99 | — | — |\n"
       "| norm_softmax | 98.00 ± 1.23 | 90.00 ± 0.50 | 14.29 | 81.03 | 15.01 | 72.99 "
       "| 30.00 | 60.50 |\n"
+      "| triplet | 50.00 ± 10.00 | — | – | – | 15.01 | 72.99 | — | — |\n"
       "\n"
-      "Unfinished: triplet (step 200), zz_queued (not started)\n")
+      "± in a row of one run: its accuracy ± the standard deviation over the verification "
+      "folds.\n"
+      "\n"
+      "–: does not apply to this row's loss (e.g. W-EC and W-Inter where the class centres "
+      "are never trained); —: not recorded.\n"
+      "\n"
+      "Unfinished: ws_queued (step 200), zz_queued (not started)\n")
   assert collect_lib.to_markdown(collect_lib.collect(str(runs_root))) == expected
 
 
-def test_to_csv(runs_root):
+def test_to_csv_single_runs(runs_root):
   expected = (
-      "loss,status,step,lfw_accuracy,lfw_accuracy_std,cfp_fp_accuracy,cfp_fp_accuracy_std,"
-      "w_ec_deg,w_inter_deg,intra1_deg,inter1_deg,intra2_deg,inter2_deg\n"
-      "arcface,finished,300,99.5340,0.1000,,,14.2900,81.0300,15.0123,72.9910,,\n"
-      "norm_softmax,finished,300,98.0000,1.2300,90.0000,0.5000,14.2900,81.0300,15.0123,"
-      "72.9910,30.0000,60.5000\n"
-      "triplet,unfinished,200,,,,,,,,,,\n"
-      "zz_queued,unfinished,,,,,,,,,,,\n")
+      "loss,status,n,spread,lfw_accuracy,lfw_accuracy_std,cfp_fp_accuracy,cfp_fp_accuracy_std,"
+      "w_ec_deg,w_ec_deg_std,w_inter_deg,w_inter_deg_std,intra1_deg,intra1_deg_std,inter1_deg,"
+      "inter1_deg_std,intra2_deg,intra2_deg_std,inter2_deg,inter2_deg_std,"
+      "differs_from_reference\n"
+      "arcface,finished,1,folds,99.5340,0.1000,,,14.2900,,81.0300,,15.0123,,72.9910,,,,,,\n"
+      "norm_softmax,finished,1,folds,98.0000,1.2300,90.0000,0.5000,14.2900,,81.0300,,15.0123,,"
+      "72.9910,,30.0000,,60.5000,,\n"
+      "triplet,finished,1,folds,50.0000,10.0000,,,,,,,15.0123,,72.9910,,,,,,\n"
+      "ws_queued,unfinished,0,,,,,,,,,,,,,,,,,,\n"
+      "zz_queued,unfinished,0,,,,,,,,,,,,,,,,,,\n")
   assert collect_lib.to_csv(collect_lib.collect(str(runs_root))) == expected
 
 
-def test_collect_command_line(runs_root, tmp_path, capsys):
+# Seeded grid: per row and seed, (lfw accuracy, W-EC or None).
+SEEDED = {
+    "norm_softmax": [(0.90, 60.0), (0.92, 62.0), (0.91, 61.0)],
+    "arcface": [(0.95, 20.0), (0.96, 21.5), (0.94, 61.5)],
+    "triplet": [(0.905, None), (0.925, None)],
+    "cosface": [(0.93, 30.0)],
+}
+
+
+@pytest.fixture
+def seeded_root(tmp_path) -> pathlib.Path:
+  root = tmp_path / "seeded"
+  for row, seeds in SEEDED.items():
+    for seed, (accuracy, w_ec) in enumerate(seeds):
+      _write_run(root / row, f"seed{seed}", {
+          "step": 10, "eval": {"lfw": {"accuracy": accuracy, "accuracy_std": 0.5}},
+          "angle_stats": {"w_ec_deg": w_ec, "intra1_deg": 10.0 + seed}})
+  _write_run(root / "arcface", "seed3", metrics='{"step": 4}\n')
+  return root
+
+
+def test_summarize_seeded_rows_against_hand_computed_statistics(seeded_root):
+  rows = {r["row"]: r for r in collect_lib.summarize(collect_lib.collect(str(seeded_root)))}
+  assert list(rows) == ["arcface", "cosface", "norm_softmax", "triplet"]
+  # norm_softmax lfw: mean (0.90 + 0.92 + 0.91)/3 = 0.91; deviations ±0.01, 0 → sample
+  # variance (1e-4 + 1e-4 + 0)/2 = 1e-4, std 0.01. arcface: mean 0.95, std 0.01 likewise.
+  ns, arc = rows["norm_softmax"]["eval"]["lfw"], rows["arcface"]["eval"]["lfw"]
+  assert (ns.n, arc.n) == (3, 3) and rows["arcface"]["n"] == 3 and len(rows["arcface"]["runs"]) == 4
+  assert ns.mean == pytest.approx(0.91) and ns.spread == pytest.approx(0.01)
+  assert arc.mean == pytest.approx(0.95) and arc.spread == pytest.approx(0.01)
+  # Difference 0.04 > 2·sqrt(0.01²/3 + 0.01²/3) = 0.01633: marked.
+  assert ("eval", "lfw") in rows["arcface"]["marked"]
+  # W-EC: norm_softmax 61 ± 1; arcface (20 + 21.5 + 61.5)/3 = 34.33, deviations −14.33,
+  # −12.83, 27.17: variance (205.44 + 164.69 + 738.03)/2 = 554.08, std 23.54.
+  # |34.33 − 61| = 26.67 < 2·sqrt(554.08/3 + 1/3) = 27.19: not marked.
+  w_arc = rows["arcface"]["angle_stats"]["w_ec_deg"]
+  assert w_arc.mean == pytest.approx(103 / 3) and w_arc.spread == pytest.approx(23.5389, abs=1e-4)
+  assert ("angle_stats", "w_ec_deg") not in rows["arcface"]["marked"]
+  # Intra1 is 10, 11, 12 in both rows: same mean, not marked.
+  assert ("angle_stats", "intra1_deg") not in rows["arcface"]["marked"]
+  # triplet lfw: mean 0.915, std 0.0141421; |0.915 − 0.91| = 0.005 < 2·sqrt(1e-4/3 +
+  # 2e-4/2) = 0.0231: not marked. Its W-EC does not apply.
+  assert rows["triplet"]["eval"]["lfw"].spread == pytest.approx(math.sqrt(2e-4))
+  assert rows["triplet"]["marked"] == []
+  assert rows["triplet"]["angle_stats"]["w_ec_deg"] is collect_lib.NOT_APPLICABLE
+  assert rows["triplet"]["angle_stats"]["w_inter_deg"] is None
+  # One seed: no spread, no comparison.
+  assert rows["cosface"]["eval"]["lfw"] == collect_lib.Cell(0.93, None, 1)
+  assert rows["cosface"]["marked"] == []
+  assert rows["norm_softmax"]["marked"] == []
+
+
+def test_differs_is_two_standard_errors_of_the_difference():
+  # sqrt(0.3²/4 + 0.4²/4) = 0.25: the threshold is 0.5.
+  assert collect_lib.differs(collect_lib.Cell(1.51, 0.3, 4), collect_lib.Cell(1.0, 0.4, 4))
+  assert not collect_lib.differs(collect_lib.Cell(1.49, 0.3, 4), collect_lib.Cell(1.0, 0.4, 4))
+  assert not collect_lib.differs(collect_lib.Cell(9.0, 0.3, 1), collect_lib.Cell(1.0, 0.4, 4))
+  assert not collect_lib.differs(collect_lib.NOT_APPLICABLE, collect_lib.Cell(1.0, 0.4, 4))
+  assert not collect_lib.differs(None, collect_lib.Cell(1.0, 0.4, 4))
+
+
+def test_to_markdown_seeded(seeded_root):
+  lines = collect_lib.to_markdown(collect_lib.collect(str(seeded_root))).splitlines()
+  assert lines[0] == ("| Loss | N | lfw (%) | W-EC (°) | W-Inter (°) | Intra1 (°) | Inter1 (°) "
+                      "| Intra2 (°) | Inter2 (°) |")
+  assert lines[2:6] == [
+      "| arcface | 3 | 95.00 ± 1.00 * | 34.33 ± 23.54 | — | 11.00 ± 1.00 | — | — | — |",
+      "| cosface | 1 | 93.00 | 30.00 | — | 10.00 | — | — | — |",
+      "| norm_softmax | 3 | 91.00 ± 1.00 | 61.00 ± 1.00 | — | 11.00 ± 1.00 | — | — | — |",
+      "| triplet | 2 | 91.50 ± 1.41 | – | — | 10.50 ± 0.71 | — | — | — |"]
+  notes = [line for line in lines[6:] if line]
+  assert notes[0].startswith("± in a row of N seeds: the mean ± the sample standard deviation")
+  assert notes[1].startswith("*: the mean differs from norm_softmax's by more than two "
+                             "standard errors")
+  assert notes[2].startswith("–: does not apply")
+  assert notes[3] == "Unfinished: arcface/seed3 (step 4)"
+
+
+def test_to_csv_seeded_and_reference(seeded_root):
+  runs = collect_lib.collect(str(seeded_root))
+  rows = list(csv_rows(collect_lib.to_csv(runs)))
+  assert rows[0]["loss"] == "arcface" and rows[0]["status"] == "partial"
+  assert (rows[0]["n"], rows[0]["spread"]) == ("3", "seeds")
+  assert rows[0]["lfw_accuracy"] == "95.0000" and rows[0]["lfw_accuracy_std"] == "1.0000"
+  assert rows[0]["differs_from_reference"] == "lfw_accuracy"
+  assert rows[3]["w_ec_deg"] == "" and rows[3]["w_ec_deg_std"] == ""  # triplet: n/a
+  # Against arcface, norm_softmax's lfw and W-EC... W-EC still within 2 SE; lfw marked.
+  rows = list(csv_rows(collect_lib.to_csv(runs, reference="arcface")))
+  assert rows[2]["loss"] == "norm_softmax" and rows[2]["differs_from_reference"] == "lfw_accuracy"
+  assert rows[0]["differs_from_reference"] == ""
+  rows = list(csv_rows(collect_lib.to_csv(runs, reference=None)))
+  assert all(r["differs_from_reference"] == "" for r in rows)
+
+
+def csv_rows(text):
+  return csv.DictReader(io.StringIO(text))
+
+
+def test_collect_command_line(runs_root, seeded_root, tmp_path, capsys):
   out = tmp_path / "t.csv"
   assert collect_lib.main([str(runs_root), "--format", "csv", "--out", str(out)]) == 0
-  rows = collect_lib.collect(str(runs_root))
-  assert out.read_text() == collect_lib.to_csv(rows)
+  runs = collect_lib.collect(str(runs_root))
+  assert out.read_text() == collect_lib.to_csv(runs)
   assert collect_lib.main([str(runs_root)]) == 0
-  assert capsys.readouterr().out == collect_lib.to_markdown(rows)
+  assert capsys.readouterr().out == collect_lib.to_markdown(runs)
+  assert collect_lib.main([str(seeded_root), "--reference", "arcface"]) == 0
+  assert capsys.readouterr().out == collect_lib.to_markdown(
+      collect_lib.collect(str(seeded_root)), reference="arcface")
+  with pytest.raises(SystemExit) as e:
+    collect_lib.main([str(seeded_root), "--reference", "sphereface"])
+  assert e.value.code == 1
+  assert capsys.readouterr().err == (
+      f"error: --reference 'sphereface' is not a row of {seeded_root} "
+      "(rows: arcface, cosface, norm_softmax, triplet)\n")
 
 
-def test_collect_errors_name_the_path(tmp_path):
-  with pytest.raises(ValueError, match="does not exist"):
+def test_collect_reads_a_grid_from_a_bucket(seeded_root, monkeypatch):
+  """gs://bkt/… read through epath, its file system mocked onto the local seeded grid."""
+  def on_disk(original, path, *args, **kwargs):
+    assert os.fspath(path).startswith("gs://bkt/seeded"), path
+    return original(os.fspath(path).replace("gs://bkt/seeded", str(seeded_root), 1),
+                    *args, **kwargs)
+
+  monkeypatch.setattr(workdir, "_gcs_credentials_hint", lambda: None)  # no gcsfs needed
+  with epath_testing.mock_epath(open=on_disk, exists=on_disk, isdir=on_disk,
+                                listdir=on_disk, glob=on_disk, stat=on_disk):
+    runs = collect_lib.collect("gs://bkt/seeded")
+  local = collect_lib.collect(str(seeded_root))
+  for run in local:
+    run["path"] = run["path"].replace(str(seeded_root), "gs://bkt/seeded")
+  assert runs == local
+
+
+@pytest.mark.parametrize("results, message", [
+    (b'{"step": 3', "arcface/results.json is not valid JSON"),
+    (b'{"step": "\xff\xfe"}', "arcface/results.json is not UTF-8 text"),
+    (b'[1, 2]', "arcface/results.json: the file must be a JSON object, got a list"),
+    (b'{"eval": []}', "arcface/results.json: 'eval' must be an object of evaluation sets, "
+                      "got a list"),
+    (b'{"eval": {"lfw": {}}}', "arcface/results.json: eval['lfw'] has no 'accuracy'"),
+    (b'{"eval": {"lfw": {"accuracy": "high"}}}',
+     "arcface/results.json: eval['lfw']['accuracy'] must be a number, got a string"),
+    (b'{"eval": {"lfw": {"accuracy": true}}}',
+     "arcface/results.json: eval['lfw']['accuracy'] must be a number, got True"),
+    (b'{"eval": {"lfw": {"accuracy": 0.9, "accuracy_std": [0.1]}}}',
+     "arcface/results.json: eval['lfw']['accuracy_std'] must be a number, got a list"),
+    (b'{"angle_stats": {"w_ec_deg": "12"}}',
+     "arcface/results.json: angle_stats['w_ec_deg'] must be a number or null, got a string"),
+    (b'{"angle_stats": [1]}', "arcface/results.json: 'angle_stats' must be an object"),
+    (b'{"step": 1.5}', "arcface/results.json: 'step' must be an integer, got 1.5"),
+])
+def test_collect_reports_a_broken_results_file_in_one_line(tmp_path, capsys, results, message):
+  _write_run(tmp_path / "broken", "arcface")
+  (tmp_path / "broken" / "arcface" / "results.json").write_bytes(results)
+  with pytest.raises(errors.WorkdirError, match="^" + str(tmp_path).replace("\\", "\\\\")):
+    collect_lib.collect(str(tmp_path / "broken"))
+  with pytest.raises(SystemExit) as e:
+    collect_lib.main([str(tmp_path / "broken")])
+  assert e.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {tmp_path}/broken/") and err.count("\n") == 1, err
+  assert message in err
+  with pytest.raises(errors.WorkdirError):
+    collect_lib.main([str(tmp_path / "broken"), "--traceback"])
+
+
+def test_collect_errors_name_the_path(tmp_path, capsys):
+  with pytest.raises(errors.WorkdirError, match="does not exist"):
     collect_lib.collect(str(tmp_path / "missing"))
   (tmp_path / "empty" / "sub").mkdir(parents=True)
-  with pytest.raises(ValueError, match="holds no run workdirs"):
+  with pytest.raises(errors.WorkdirError, match="holds no run workdirs"):
     collect_lib.collect(str(tmp_path / "empty"))
-  _write_run(tmp_path / "broken", "arcface")
-  (tmp_path / "broken" / "arcface" / "results.json").write_text('{"step": 3')
-  with pytest.raises(ValueError, match=r"arcface/results.json is not valid JSON"):
-    collect_lib.collect(str(tmp_path / "broken"))
-  (tmp_path / "broken" / "arcface" / "results.json").write_text('{"eval": {"lfw": {}}}')
-  with pytest.raises(ValueError, match=r"eval\['lfw'\] has no 'accuracy'"):
-    collect_lib.collect(str(tmp_path / "broken"))
+  _write_run(tmp_path / "mixed", "arcface", results={"step": 1})
+  _write_run(tmp_path / "mixed" / "arcface", "seed0", results={"step": 1})
+  with pytest.raises(errors.WorkdirError, match="arcface holds both a run and seeded runs"):
+    collect_lib.collect(str(tmp_path / "mixed"))
+  (tmp_path / "badconfig" / "arcface").mkdir(parents=True)
+  (tmp_path / "badconfig" / "arcface" / "config.json").write_bytes(b"\x80")
+  with pytest.raises(SystemExit):
+    collect_lib.main([str(tmp_path / "badconfig")])
+  assert capsys.readouterr().err.startswith(
+      f"error: {tmp_path}/badconfig/arcface/config.json is not UTF-8 text")
