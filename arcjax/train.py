@@ -118,8 +118,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, los
   under jit, where every mean is already over the global batch).
 
   Returns:
-    (new state, metrics): 'loss', 'loss/<term>', 'grad_norm/<term>' (‖∂(w·term)/∂x‖
-    over the batch's embeddings, with several terms), 'grad_norm', 'lr',
+    (new state, metrics): 'loss', 'loss/<term>', 'grad_norm/<term>' and
+    'grad_norm/<term>_centres' (‖∂(w·term)/∂x‖ over the batch's embeddings and over the
+    centres, with several terms), 'grad_norm', 'lr',
     'margin_strength', 'theta_y_deg' (mean target angle), 'param_norm' and
     'state_finite' (1 when every leaf of the new state is finite).
   """
@@ -142,11 +143,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, los
   metrics = {"loss": loss, "margin_strength": strength,
              "theta_y_deg": jnp.degrees(jnp.mean(aux["theta_y"])),
              **{name: value for name, value in aux.items() if name.startswith("loss/")}}
-  if len(loss_fn.weights) > 1:  # which term moves the embeddings most (issue: Intra/Inter)
+  if len(loss_fn.weights) > 1:  # how hard each term pulls the embeddings and the centres
     fixed = jax.lax.stop_gradient(embeddings)
     for name, weight in loss_fn.weights.items():
-      term = lambda x, name=name: weight * loss_fn.terms(x, state.head, labels, key, strength)[0][name]
-      metrics[f"grad_norm/{name}"] = optax.tree.norm(jax.grad(term)(fixed))
+      term = lambda x, h, name=name: weight * loss_fn.terms(x, h, labels, key, strength)[0][name]
+      on_x, on_head = jax.grad(term, argnums=(0, 1))(fixed, state.head)
+      metrics[f"grad_norm/{name}"] = optax.tree.norm(on_x)
+      metrics[f"grad_norm/{name}_centres"] = optax.tree.norm(on_head["centres"])
   grads, metrics = collectives.mean((grads, metrics))
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)

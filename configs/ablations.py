@@ -4,7 +4,7 @@
   python -m arcjax.main --config=configs/ablations.py:cm1,setting=paper --workdir=...
   python -m experiments.launch --grid=configs/ablations.py:table5 --workdir=runs/table5
 
-`arg` is `ROW[,setting=cpu|paper][,gradient=exact|straight_through]`:
+`arg` is `ROW[,setting=cpu|paper][,gradient=exact|straight_through][,OPTION=VALUE…]`:
   - ROW: a loss, a key of `ROWS` (the paper's Table 2 names in the comments);
   - setting: the backbone, data and schedule, independent of the loss:
       'cpu' (default): a tiny CNN on the embedded Omniglot characters (242
@@ -16,12 +16,18 @@
         87.5 % of the run, whatever its length), evaluated
         on the .bin files beside train.rec (lfw, cfp_fp, agedb_30);
   - gradient: the margin's exact gradient (the paper's) or insightface's
-    current straight-through one (an ablation axis of its own).
+    current straight-through one (an ablation axis of its own);
+  - warmup=N: the margin annealed in over the first N steps from the plain
+    normalised softmax (SphereFace's λ-annealing; `margins.make_margin`);
+  - steps=N, intra=W, inter=W, inter_form=angle|cosine: the run's length, the
+    Intra / Inter weights and the Inter form (the paper's eq. 6 or insightface's).
 
-`sweep(arg)` lists the rows of a grid, `arg` = `GRID[,setting=…][,gradient=…]`
-with GRID one of `GRIDS`: 'table2' (every row), 'table5' (the losses whose
-angle statistics the paper's Table 5 compares), 'margins' (the single margins)
-and 'gradient' (ArcFace with each gradient).
+`sweep(arg)` lists the rows of a grid, `arg` = `GRID[,OPTION=VALUE…]` (the
+options apply to every row) with GRID one of `GRIDS`: 'table2' (every row),
+'table5' (the losses whose angle statistics the paper's Table 5 compares),
+'margins' (the single margins), 'gradient' (ArcFace with each gradient),
+'large_margins' (large margins from scratch, with and without a warm-up) and
+the 'study_*' grids of the README's Table 5 study.
 """
 
 import ml_collections
@@ -57,26 +63,49 @@ GRIDS: dict[str, tuple[str, ...]] = {
     "margins": ("softmax", "norm_softmax", "sphereface", "cosface", "arcface_0.4",
                 "arcface_0.45", "arcface", "arcface_0.55", "cm1", "cm2"),
     "gradient": ("arcface", "arcface,gradient=straight_through"),
+    # A fifth of the CPU run's 1 500 steps to reach the full margin.
+    "large_margins": ("arcface_0.55", "arcface_0.55,warmup=300", "sphereface",
+                      "sphereface,warmup=300", "arcface", "arcface,warmup=300"),
+    # Why Table 5's Intra-L and Inter-L directions are missing at weight 1 (README):
+    "study_length": ("norm_softmax,steps=6000", "ns_intra,steps=6000", "ns_inter,steps=6000"),
+    "study_weights": ("ns_intra,intra=8", "ns_intra,intra=64", "ns_intra,intra=200",
+                      "ns_inter,inter=8", "ns_inter,inter=64", "ns_inter,inter=200"),
+    "study_inter_form": ("ns_inter,inter_form=cosine", "ns_inter,inter_form=cosine,inter=64"),
 }
 SETTINGS = ("cpu", "paper")
+GRADIENTS = ("exact", "straight_through")
 # insightface's CASIA-WebFace folder, under the data root (arcjax.data.data_root()).
 CASIA = "faces_webface_112x112"
+# OPTION: (parse the value, check it, what it must be, (config section, field) it sets).
+_OPTIONS = {
+    "setting": (str, lambda v: v in SETTINGS, f"one of {SETTINGS}", None),
+    "gradient": (str, lambda v: v in GRADIENTS, f"one of {GRADIENTS}", ("loss", "gradient")),
+    "warmup": (int, lambda v: v >= 0, "an int >= 0", ("loss", "margin_warmup_steps")),
+    "steps": (int, lambda v: v > 0, "an int > 0", ("train", "steps")),
+    "intra": (float, lambda v: v >= 0, "a number >= 0", ("loss", "intra_weight")),
+    "inter": (float, lambda v: v >= 0, "a number >= 0", ("loss", "inter_weight")),
+    "inter_form": (str, lambda v: v in losses.INTER_FORMS, f"one of {losses.INTER_FORMS}",
+                   ("loss", "inter_form")),
+}
 
 
-def _parse(arg: str | None, name: str) -> tuple[str, dict[str, str]]:
-  """'head,k=v,k2=v2' -> ('head', {k: v, k2: v2}); settings must be in {setting, gradient}."""
+def _parse(arg: str | None, name: str) -> tuple[str, dict[str, object]]:
+  """'head,k=v,k2=v2' -> ('head', {k: v, k2: v2}), each option parsed and checked."""
   head, *pairs = (arg or "").split(",")
   options = {}
   for pair in pairs:
-    key, sep, value = pair.partition("=")
-    if not sep or key not in ("setting", "gradient"):
-      raise ValueError(f"{name} {arg!r}: expected {name.upper()}[,setting=…][,gradient=…], "
-                       f"got the part {pair!r}")
+    key, sep, text = pair.partition("=")
+    if not sep or key not in _OPTIONS:
+      raise ValueError(f"{name} {arg!r}: expected {name.upper()}[,OPTION=VALUE…] with OPTION "
+                       f"one of {', '.join(_OPTIONS)}; got the part {pair!r}")
+    parse, ok, must_be, _ = _OPTIONS[key]
+    try:
+      value = parse(text)
+    except ValueError:
+      value = None
+    if value is None or not ok(value):
+      raise ValueError(f"{name} {arg!r}: {key} must be {must_be}, got {text!r}")
     options[key] = value
-  if options.get("setting", "cpu") not in SETTINGS:
-    raise ValueError(f"{name} {arg!r}: setting must be one of {SETTINGS}")
-  if options.get("gradient", "exact") not in ("exact", "straight_through"):
-    raise ValueError(f"{name} {arg!r}: gradient must be 'exact' or 'straight_through'")
   return head, options
 
 
@@ -119,14 +148,18 @@ def _paper_setting(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = "arcface") -> ml_collections.ConfigDict:
-  """The run of one row: `ROW[,setting=cpu|paper][,gradient=exact|straight_through]`."""
+  """The run of one row: `ROW[,setting=cpu|paper][,gradient=…][,OPTION=VALUE…]` (module doc)."""
   row, options = _parse(arg or "arcface", "row")
   if row not in ROWS:
     raise ValueError(f"unknown row {row!r} of configs/ablations.py; known: {', '.join(ROWS)}")
   preset, weights = ROWS[row]
   config = default.get_config()
-  config.loss = losses.loss_config(preset, gradient=options.get("gradient", "exact"), **weights)
+  config.loss = losses.loss_config(preset, **weights)
   {"cpu": _cpu_setting, "paper": _paper_setting}[options.get("setting", "cpu")](config)
+  for key, value in options.items():
+    if _OPTIONS[key][3] is not None:
+      section, field = _OPTIONS[key][3]
+      config[section][field] = value
   if config.loss.triplet_weight:
     # Batch-hard mining needs positives in the batch: P identities × K images.
     config.data.sampler = "pk"
@@ -136,7 +169,7 @@ def get_config(arg: str | None = "arcface") -> ml_collections.ConfigDict:
 
 
 def sweep(arg: str | None = "table2") -> list[str]:
-  """Rows of grid `GRID[,setting=…][,gradient=…]`, each a `get_config` argument."""
+  """Rows of grid `GRID[,OPTION=VALUE…]`, each a `get_config` argument."""
   grid, options = _parse(arg or "table2", "grid")
   if grid not in GRIDS:
     raise ValueError(f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")

@@ -150,9 +150,11 @@ def test_every_term_reports_its_gradient_on_the_embeddings():
   state = _state(config)
   batch = _batches(1, 8)[0]
   _, metrics = jax.jit(_step_fn(config))(state, batch)
-  assert {"grad_norm/softmax", "grad_norm/intra", "grad_norm/inter"} <= set(metrics)
-  # The Inter term does not depend on the embeddings at all.
+  assert {"grad_norm/softmax", "grad_norm/intra", "grad_norm/inter", "grad_norm/softmax_centres",
+          "grad_norm/intra_centres", "grad_norm/inter_centres"} <= set(metrics)
+  # The Inter term does not depend on the embeddings at all, only on the centres.
   assert float(metrics["grad_norm/inter"]) == 0.0 and float(metrics["grad_norm/intra"]) > 0.0
+  assert float(metrics["grad_norm/inter_centres"]) > 0.0
   # Intra's: ‖∂(w·mean θ_y/π)/∂x‖ computed independently.
   model = models.make_model(config.model)
   embeddings = model.apply({"params": state.params, "batch_stats": state.batch_stats},
