@@ -105,6 +105,10 @@ def as_path(path: str | os.PathLike, what: str = "workdir") -> epath.Path:
     hint = _gcs_credentials_hint()
     if hint is not None:
       raise errors.WorkdirError(f"cannot use {what} {text}: {hint}")
+    import fsspec  # pylint: disable=import-outside-toplevel
+    # gcsfs caches directory listings, and sizes from them: another process's (or orbax's)
+    # newer, longer file would then be read cut short. A run's files are few: no cache.
+    fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
     return epath.Path(text)
   if is_remote(text):
     return epath.Path(text)
@@ -536,6 +540,8 @@ class Checkpoints:
     source = self.directory / CHECKPOINTS / str(step)
     target = self.directory / DAMAGED_CHECKPOINTS / f"{step}-{int(time.time())}"
     target.parent.mkdir(parents=True, exist_ok=True)
+    # A bucket has no empty folders: a file makes the target's parent exist for the rename.
+    write_text(target.parent / "README", "checkpoints that could not be restored, kept aside\n")
     source.rename(target)
     self._manager.reload()
 

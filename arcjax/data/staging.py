@@ -39,12 +39,13 @@ def _checksums(folder: epath.Path) -> dict[str, str]:
 
 
 def _files(folder: epath.Path) -> list[str]:
-  """Paths of every file under `folder`, relative to it, sorted."""
+  """Paths of every file under `folder`, relative to it ('/'-separated), sorted."""
+  # walk() gives a bucket's folders without their 'gs://': compare the paths without it.
+  root = os.fspath(folder).split("://", 1)[-1].rstrip("/")
   found = []
   for directory, _, names in folder.walk():
-    for name in names:
-      relative = (epath.Path(directory) / name).relative_to(folder)
-      found.append(os.fspath(relative))
+    relative = os.fspath(directory).split("://", 1)[-1][len(root):].strip("/")
+    found += [f"{relative}/{name}" if relative else name for name in names]
   return sorted(found)
 
 
