@@ -9,6 +9,7 @@ error — and a full disk, a missing file, a permission refused — into one lin
 
 import contextlib
 import errno
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -95,3 +96,31 @@ def report_errors(*, traceback: bool = False) -> Iterator[None]:
       raise
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(exit_status_of(error)) from None
+
+
+class StopSignals:
+  """While entered, SIGINT and SIGTERM are only noted (`number`), for a loop to stop cleanly.
+
+  The loop checks `number` between steps, saves, and raises `interrupted()`.
+  """
+
+  def __init__(self):
+    self.number, self._previous = None, {}
+
+  def __enter__(self) -> "StopSignals":
+    for number in (signal.SIGINT, signal.SIGTERM):
+      self._previous[number] = signal.signal(number, self._note)
+    return self
+
+  def _note(self, number, frame) -> None:
+    del frame
+    self.number = number
+
+  def __exit__(self, *exc_info) -> bool:
+    for number, handler in self._previous.items():
+      signal.signal(number, handler)
+    return False
+
+  def interrupted(self, what: str) -> Interrupted:
+    """The error that ends the command, exit status 128 + the signal's number."""
+    return Interrupted(f"stopped by {signal.Signals(self.number).name} {what}", 128 + self.number)

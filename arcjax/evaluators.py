@@ -29,6 +29,15 @@ class ModelView(NamedTuple):
   variables: dict[str, Any]
   centres: np.ndarray
 
+  @classmethod
+  def of(cls, state, step: int, num_classes: int, host) -> "ModelView":
+    """The model of a train state (global arrays), copied by `host` (`Parallelism.host`);
+    the centres without a sharded head's padding."""
+    arrays = host({"params": state.params, "batch_stats": state.batch_stats,
+                   "centres": state.head["centres"]})
+    return cls(step, {"params": arrays["params"], "batch_stats": arrays["batch_stats"]},
+               arrays["centres"][:num_classes])
+
 
 def check_config(eval_config: Any, angles_config: Any) -> None:
   """Raises ConfigError naming the first `config.eval` / `config.angles` value out of range."""
@@ -143,3 +152,49 @@ class Angles:
     if not self._trains_centres:
       stats.update(w_ec_deg=None, w_inter_deg=None)
     return stats
+
+
+class Evaluators:
+  """Every evaluator of a run, what they last found, and the rows and tables they leave.
+
+  `due(step, final)`, then `run(view, final)`: verification's row and table, and
+  the θ records (at the end: the angle statistics' row). Each (step, metric)
+  reaches metrics.jsonl once, also when a resumed run evaluates a step again.
+  `summary()`: what results.json holds of them.
+  """
+
+  def __init__(self, config: Any, datasets, writer, progress, directory, *, primary: bool):
+    self.baseline = pixel_baseline(datasets.eval_sets)
+    self._verification = Verification(config, datasets.eval_sets)
+    self._angles = Angles(config, datasets.train, datasets.unseen, writer, directory,
+                          primary=primary)
+    self._writer, self._progress = writer, progress
+    self.eval_results: dict[str, dict[str, float]] = {}
+    self.angle_stats: dict[str, float | None] | None = None
+
+  def due(self, step: int, final: bool = False) -> bool:
+    return self._verification.due(step, final) or self._angles.due(step, final)
+
+  def _write_once(self, step: int, scalars: dict[str, Any]) -> None:
+    if scalars and not self._writer.has(step, next(iter(scalars))):
+      self._writer.write_scalars(step, scalars)
+
+  def run(self, view: ModelView, final: bool = False) -> None:
+    """Runs the evaluators due at `view.step` (`final`: the run's last step)."""
+    if self._verification.due(view.step, final):
+      self.eval_results = self._verification(view)
+      self._write_once(view.step, {f"eval/{name}/{key}": value
+                                   for name, summary in self.eval_results.items()
+                                   for key, value in summary.items()})
+      self._progress.write(f"step {view.step} verification:\n"
+                           + evaluation.format_table(self.eval_results, self.baseline))
+    if self._angles.due(view.step, final):
+      stats = self._angles(view, final=final)
+      if final:
+        self.angle_stats = {"step": view.step, **stats}
+        self._write_once(view.step, {f"angles/{name}": value for name, value in stats.items()
+                                     if value is not None})
+
+  def summary(self) -> dict[str, Any]:
+    return {"eval": self.eval_results, "pixel_baseline": self.baseline,
+            "angle_stats": self.angle_stats}

@@ -171,6 +171,12 @@ def _weights(config: Any) -> dict[str, float]:
           "inter": config.inter_weight, "triplet": config.triplet_weight}
 
 
+def describe(config: Any) -> dict[str, Any]:
+  """{'preset': the margin, 'terms': {name: weight} of the active terms}, for results.json."""
+  return {"preset": config.preset,
+          "terms": {name: weight for name, weight in _weights(config).items() if weight}}
+
+
 def trains_centres(config: Any) -> bool:
   """Whether a `config.loss` trains the class centres (Triplet alone does not)."""
   weights = _weights(config)
@@ -214,6 +220,19 @@ class CompositeLoss(NamedTuple):
     terms, theta_y = self.terms(embeddings, head, labels, key, strength)
     total = sum(self.weights[name] * value for name, value in terms.items())
     return total, {"theta_y": theta_y, **{f"loss/{name}": v for name, v in terms.items()}}
+
+  def gradient_norms(self, embeddings, head, labels, key=None,
+                     strength=1.0) -> dict[str, jax.Array]:
+    """How hard each weighted term pulls: {'grad_norm/<term>': ‖∂(w·term)/∂x‖ over the batch's
+    embeddings, 'grad_norm/<term>_centres': the same over the centres}."""
+    norms = {}
+    for name, weight in self.weights.items():
+      term = lambda x, h, name=name, weight=weight: weight * self.terms(
+          x, h, labels, key, strength)[0][name]
+      on_x, on_head = jax.grad(term, argnums=(0, 1))(embeddings, head)
+      norms[f"grad_norm/{name}"] = jnp.linalg.norm(on_x)
+      norms[f"grad_norm/{name}_centres"] = jnp.linalg.norm(on_head["centres"])
+    return norms
 
 
 def make_loss_fn(config: ml_collections.ConfigDict | Any, margin_term: head_lib.MarginTerm,

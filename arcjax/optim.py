@@ -35,6 +35,9 @@ def check_config(train_config: ml_collections.ConfigDict) -> None:
   if not (math.isfinite(train_config.grad_clip) and train_config.grad_clip >= 0):
     raise errors.ConfigError(f"config.train.grad_clip must be finite and >= 0 (0: none), "
                              f"got {train_config.grad_clip!r}")
+  if not train_config.max_param_norm > 0:
+    raise errors.ConfigError(f"config.train.max_param_norm must be > 0, "
+                             f"got {train_config.max_param_norm}")
   if train_config.schedule not in SCHEDULES:
     raise errors.ConfigError(f"config.train.schedule must be one of {SCHEDULES}, "
                              f"got {train_config.schedule!r}")

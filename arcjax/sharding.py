@@ -176,6 +176,13 @@ class Parallelism:
     """pmap's axis, over which BatchNorm averages its statistics; None under jit."""
     return AXIS if self.mode == "pmap" else None
 
+  def check_batch_size(self, batch_size: int) -> None:
+    """Raises ConfigError unless the global batch splits over the devices and the hosts."""
+    for count, what in ((self.num_devices, "devices"), (jax.process_count(), "processes")):
+      if batch_size % count:
+        raise errors.ConfigError(f"config.train.batch_size={batch_size} does not split over "
+                                 f"the {count} {what}")
+
   def shardings(self, tree: Any) -> Any:
     """NamedShardings of the global layout of `tree`'s leaves."""
     return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec),

@@ -9,7 +9,6 @@ and the margin's strength of step t are functions of (seed, t) only.
 
 import contextlib
 import functools
-import signal
 import time
 from typing import Any
 
@@ -23,7 +22,6 @@ import optax
 
 from arcjax import data
 from arcjax import errors
-from arcjax import evaluation
 from arcjax import evaluators
 from arcjax import head as head_lib
 from arcjax import logging as arcjax_logging
@@ -71,20 +69,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   models.check_config(config.model)
   losses.check_config(config.loss)
   head_lib.check_config(config.head, config.loss)
-  data.check_config(config.data)
+  data.check_config(config.data, batch_size=train.batch_size)
   optim.check_config(config.train)
   sharding.check_config(config.train, config.head)
   evaluators.check_config(config.eval, config.angles)
   arcjax_logging.check_config(config.wandb)
-  if not train.max_param_norm > 0:
-    raise errors.ConfigError(f"config.train.max_param_norm must be > 0, got {train.max_param_norm}")
   if config.seed < 0:
     raise errors.ConfigError(f"config.seed must be >= 0, got {config.seed}")
-  if (config.data.sampler == "pk"
-      and config.data.pk_identities * config.data.pk_images != train.batch_size):
-    raise errors.ConfigError(
-        "config.data.sampler='pk' needs pk_identities × pk_images = train.batch_size; got "
-        f"{config.data.pk_identities} × {config.data.pk_images} and {train.batch_size}")
 
 
 def create_train_state(config: ml_collections.ConfigDict, key: jax.Array, *, num_classes: int,
@@ -144,12 +135,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, los
              "theta_y_deg": jnp.degrees(jnp.mean(aux["theta_y"])),
              **{name: value for name, value in aux.items() if name.startswith("loss/")}}
   if len(loss_fn.weights) > 1:  # how hard each term pulls the embeddings and the centres
-    fixed = jax.lax.stop_gradient(embeddings)
-    for name, weight in loss_fn.weights.items():
-      term = lambda x, h, name=name: weight * loss_fn.terms(x, h, labels, key, strength)[0][name]
-      on_x, on_head = jax.grad(term, argnums=(0, 1))(fixed, state.head)
-      metrics[f"grad_norm/{name}"] = optax.tree.norm(on_x)
-      metrics[f"grad_norm/{name}_centres"] = optax.tree.norm(on_head["centres"])
+    metrics.update(loss_fn.gradient_norms(jax.lax.stop_gradient(embeddings), state.head, labels,
+                                          key, strength))
   grads, metrics = collectives.mean((grads, metrics))
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
@@ -177,20 +164,19 @@ def _check_rows(rows: list[dict[str, float]], steps: list[int], max_norm: float,
                 last_checkpoint: int | None, directory) -> None:
   """Raises TrainingError at the first step whose loss, gradient or state is not finite, or
   whose parameter norm passed `max_norm`: nothing of it is saved."""
-  kept = (f"the last checkpoint (step {last_checkpoint}) in {directory} holds finite values"
-          if last_checkpoint is not None else "no checkpoint was saved")
+  kept = (f"stopped before saving it: the last checkpoint (step {last_checkpoint}) in {directory} "
+          "holds finite values" if last_checkpoint is not None else "no checkpoint was saved")
   for step, row in zip(steps, rows):
     bad = [name for name in ("loss", "grad_norm", "param_norm") if not np.isfinite(row[name])]
     if bad or row["state_finite"] != 1.0:
-      raise errors.TrainingError(
-          f"non-finite {' and '.join(bad) or 'parameters'} at step {step} (training loss "
-          f"{row['loss']}); stopped before saving it: {kept}; lower config.train.lr (or "
-          "loss.s) and run again to resume from there")
-    if row["param_norm"] > max_norm:
-      raise errors.TrainingError(
-          f"training diverged: parameter norm {row['param_norm']:.3g} at step {step} passed "
-          f"config.train.max_param_norm={max_norm:g}; stopped before saving it: {kept}; lower "
-          "config.train.lr (or loss.s)")
+      problem = f"non-finite {' and '.join(bad) or 'parameters'} at step {step}"
+    elif row["param_norm"] > max_norm:
+      problem = (f"training diverged: parameter norm {row['param_norm']:.3g} at step {step} "
+                 f"passed config.train.max_param_norm={max_norm:g}")
+    else:
+      continue
+    raise errors.TrainingError(f"{problem}; {kept}; lower config.train.lr (or loss.s) and run "
+                               "again to resume from there")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str, *,
@@ -214,10 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str, *,
 def _train(config, directory, primary: bool) -> dict[str, Any]:
   par = sharding.parallelism_for(config.train, config.head)
   steps, batch_size = config.train.steps, config.train.batch_size
-  for count, what in ((par.num_devices, "devices"), (jax.process_count(), "processes")):
-    if batch_size % count:
-      raise errors.ConfigError(f"config.train.batch_size={batch_size} does not split over the "
-                               f"{count} {what}")
+  par.check_batch_size(batch_size)
   datasets = data.get_datasets(config.data)
   if config.data.sampler == "uniform" and batch_size > len(datasets.train):
     raise errors.ConfigError(f"config.train.batch_size={batch_size} is larger than the "
@@ -225,9 +208,10 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
   image_size = tuple(config.data.image_size) if config.data.image_size else None
   samples = pipeline.load_images(datasets.train, np.arange(min(16, len(datasets.train))),
                                  image_size=image_size)
-  num_classes, num_shards = datasets.num_classes, par.num_devices if config.head.sharded else 1
+  num_classes = datasets.num_classes
   init = functools.partial(create_train_state, config, num_classes=num_classes,
-                           image_shape=samples.shape[1:], num_shards=num_shards)
+                           image_shape=samples.shape[1:],
+                           num_shards=par.num_devices if config.head.sharded else 1)
   key = jax.random.key(config.seed)
   abstract = par.abstract(jax.eval_shape(init, key))
   checkpoints = workdir.Checkpoints(directory, keep=config.train.keep_checkpoints)
@@ -242,26 +226,14 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
   writer = arcjax_logging.MetricWriter(directory, config, enabled=primary,
                                        keep_through_step=start if restored else None)
   progress = arcjax_logging.Progress(steps, start, enabled=primary)
-  verification = evaluators.Verification(config, datasets.eval_sets)
-  angle_records = evaluators.Angles(config, datasets.train, datasets.unseen, writer, directory,
-                                    primary=primary)
-  baseline = evaluators.pixel_baseline(datasets.eval_sets)
-
-  def view(global_state, step) -> evaluators.ModelView:
-    host = par.host({"params": global_state.params, "batch_stats": global_state.batch_stats,
-                     "centres": global_state.head["centres"]})
-    return evaluators.ModelView(step, {"params": host["params"],
-                                       "batch_stats": host["batch_stats"]},
-                                host["centres"][:num_classes])
-
+  evals = evaluators.Evaluators(config, datasets, writer, progress, directory, primary=primary)
   if start == 0:
     writer.write_images(0, {"train/images": samples})
-    if angle_records.due(0, final=False):
-      angle_records(view(state, 0))
+    evals.run(evaluators.ModelView.of(state, 0, num_classes, par.host))
   step_fn = make_train_step(config, par, num_classes, state)
   state = par.to_step(state)
-  stop = _StopOnSignal() if jax.process_count() == 1 else contextlib.nullcontext()
-  pending, rows, last_row, timer, eval_results = [], [], None, (start, time.monotonic()), {}
+  stop = errors.StopSignals() if jax.process_count() == 1 else contextlib.nullcontext()
+  pending, rows, timer = [], [], (start, time.monotonic())
   try:
     with stop, pipeline.batches(
         datasets.train, global_batch_size=batch_size, seed=config.seed, start_step=start,
@@ -274,49 +246,38 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
         if step == start + 1:  # the first step compiles: time from its end
           jax.block_until_ready(metrics)
           timer = (step, time.monotonic())
-        final, stopping = step == steps, getattr(stop, "signal", None) is not None
-        due = [step % config.train.log_every == 0 or final or stopping,
-               verification.due(step, final), angle_records.due(step, final) and not final,
-               step % config.train.checkpoint_every == 0 or final or stopping]
-        if not any(due):
+        final, stopping = step == steps, getattr(stop, "number", None) is not None
+        log = step % config.train.log_every == 0 or final or stopping
+        save = step % config.train.checkpoint_every == 0 or final or stopping
+        evaluate = evals.due(step) and not final  # the end's evaluation: after the loop
+        if not (log or save or evaluate):
           continue
         new_rows = [par.scalars(m) for _, m in pending]
         _check_rows(new_rows, [s for s, _ in pending], config.train.max_param_norm,
                     checkpoints.latest_step(), directory)
         rows, pending = rows + new_rows, []
-        if due[0]:
+        if log:
           images_per_s = ((step - timer[0]) * batch_size / (time.monotonic() - timer[1])
                           if step > timer[0] else 0.0)
-          last_row = {f"train/{name}": float(np.mean([row[name] for row in rows]))
-                      for name in rows[-1]}
-          writer.write_scalars(step, {**last_row, "train/images_per_s": images_per_s})
-          progress.update(step, last_row["train/loss"], images_per_s)
+          means = {f"train/{name}": float(np.mean([row[name] for row in rows])) for name in rows[-1]}
+          writer.write_scalars(step, {**means, "train/images_per_s": images_per_s})
+          progress.update(step, means["train/loss"], images_per_s)
           rows = []
         global_state = par.to_global(state)
-        if due[1] or due[2]:
-          model_view = view(global_state, step)
-          if due[1]:
-            eval_results = _evaluate(verification, model_view, writer, progress, baseline)
-          if due[2]:
-            angle_records(model_view)
+        if evaluate:
+          evals.run(evaluators.ModelView.of(global_state, step, num_classes, par.host))
           timer = (step, time.monotonic())  # images/s leaves evaluations out
-        if due[3]:
-          writer.flush()  # a step's rows reach the disk before its checkpoint
+        if save:
+          if final:  # the end's rows, like every step's, reach the disk before its checkpoint
+            evals.run(evaluators.ModelView.of(global_state, step, num_classes, par.host), final=True)
+          writer.flush()
           checkpoints.save(step, global_state, {"step": step, **meta})
         if stopping and not final:
           checkpoints.wait()
-          raise errors.Interrupted(
-              f"stopped by {signal.Signals(stop.signal).name} at step {step}; checkpoint {step} "
-              f"saved in {directory}: run the same command to resume", 128 + stop.signal)
-    final_view = view(par.to_global(state), steps)
-    if start == steps and verification.due(steps, True):  # resumed a run trained to the end
-      eval_results = _evaluate(verification, final_view, writer, progress, baseline)
-    angle_stats = None
-    if angle_records.due(steps, True):
-      angle_stats = angle_records(final_view, final=True)
-      if not writer.has(steps, "angles/intra1_deg"):
-        writer.write_scalars(steps, {f"angles/{name}": value
-                                     for name, value in angle_stats.items() if value is not None})
+          raise stop.interrupted(f"at step {step}; checkpoint {step} saved in {directory}: run "
+                                 "the same command to resume")
+    if start == steps:  # resumed a run trained to the end: its results again, rows once
+      evals.run(evaluators.ModelView.of(par.to_global(state), steps, num_classes, par.host), final=True)
     checkpoints.wait()
   finally:
     checkpoints.close()
@@ -324,49 +285,10 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
     writer.close()
   train_loss = next((row["train/loss"] for row in reversed(writer.rows)
                      if "train/loss" in row and row["step"] == steps), None)
-  results = {"step": steps,
-             "train_loss": last_row["train/loss"] if last_row else train_loss,
-             "eval": eval_results, "pixel_baseline": baseline,
-             "angle_stats": None if angle_stats is None else {"step": steps, **angle_stats},
-             "loss": {"preset": config.loss.preset,
-                      "terms": {name: config.loss[f"{name}_weight"]
-                                for name in ("softmax", "intra", "inter", "triplet")
-                                if config.loss[f"{name}_weight"]}}}
+  results = {"step": steps, "train_loss": train_loss, **evals.summary(),
+             "loss": losses.describe(config.loss)}
   if primary:
-    if angle_stats is not None:
+    if results["angle_stats"] is not None:
       workdir.write_json(directory / workdir.ANGLE_STATS, results["angle_stats"])
     workdir.write_json(directory / workdir.RESULTS, results)
   return results
-
-
-def _evaluate(verification, model_view, writer, progress, baseline) -> dict:
-  """Runs `verification`, writes its row (once per step) and prints its table."""
-  results = verification(model_view)
-  scalars = {f"eval/{name}/{key}": value for name, summary in results.items()
-             for key, value in summary.items()}
-  if scalars and not writer.has(model_view.step, next(iter(scalars))):
-    writer.write_scalars(model_view.step, scalars)
-  progress.write(f"step {model_view.step} verification:\n"
-                 + evaluation.format_table(results, baseline))
-  return results
-
-
-class _StopOnSignal:
-  """While entered, SIGINT and SIGTERM ask the loop to save and stop (`signal` is set)."""
-
-  def __init__(self):
-    self.signal, self._previous = None, {}
-
-  def __enter__(self):
-    for number in (signal.SIGINT, signal.SIGTERM):
-      self._previous[number] = signal.signal(number, self._handle)
-    return self
-
-  def _handle(self, number, frame):
-    del frame
-    self.signal = number
-
-  def __exit__(self, *exc_info):
-    for number, handler in self._previous.items():
-      signal.signal(number, handler)
-    return False

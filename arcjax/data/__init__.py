@@ -77,8 +77,11 @@ def resolve(path: str | os.PathLike) -> str:
   return str(path if path.is_absolute() else data_root() / path)
 
 
-def check_config(data_config: Any) -> None:
-  """Raises ConfigError naming the first `config.data` value out of range (cheap: no data read)."""
+def check_config(data_config: Any, batch_size: int | None = None) -> None:
+  """Raises ConfigError naming the first `config.data` value out of range (cheap: no data read).
+
+  `batch_size`: `config.train.batch_size`, which the P×K sampler must fill.
+  """
   if data_config.name not in DATA_NAMES:
     raise errors.ConfigError(f"config.data.name must be one of {DATA_NAMES}, "
                              f"got {data_config.name!r}")
@@ -98,6 +101,11 @@ def check_config(data_config: Any) -> None:
   if data_config.sampler not in ("uniform", "pk"):
     raise errors.ConfigError(f"config.data.sampler must be 'uniform' or 'pk', "
                              f"got {data_config.sampler!r}")
+  if (data_config.sampler == "pk" and batch_size is not None
+      and data_config.pk_identities * data_config.pk_images != batch_size):
+    raise errors.ConfigError(
+        "config.data.sampler='pk' needs pk_identities × pk_images = train.batch_size; got "
+        f"{data_config.pk_identities} × {data_config.pk_images} and {batch_size}")
 
 
 def _local_data_path(data_config: Any) -> pathlib.Path:
