@@ -1,8 +1,9 @@
-"""Millions of classes on one device: plain vs class-chunked ArcFace loss.
+"""Millions of classes on one device: the head's margin softmax whole vs class-chunked.
 
-Forward + backward (w.r.t. embeddings and centres) of `margin_softmax_loss`
-(materialises the B×C logits) and `chunked_margin_softmax_loss` (a scan over
-class chunks, recomputed in the backward pass), ArcFace s=64, m=0.5.
+Forward + backward (w.r.t. embeddings and centres) of `head.margin_softmax` with
+`chunk_size=0` (the B×C logits at once, the softmax kept for the backward) and
+with `chunk_size` > 0 (a scan over class chunks, recomputed in the backward
+pass), ArcFace s=64, m=0.5.
 
 Memory: XLA's buffer assignment of each compiled forward+backward
 (`compiled.memory_analysis()`): `temp` (every intermediate) + `output` (the
@@ -19,7 +20,7 @@ Time: median of repeats, the two losses interleaved in one process; a case
 whose buffers do not fit in the free memory is compiled but not run.
 
   python -m benchmarks.large_classes [--classes 100000 1000000 2000000]
-      [--chunk-size 2048] [--repeats 3]
+      [--chunk-size 2048] [--repeats 3] [--smoke]
 """
 
 import argparse
@@ -27,16 +28,16 @@ import re
 
 import jax
 
-from arcjax import losses
+from arcjax import head, margins
 from benchmarks import timing
 
-MARGIN = dict(s=64.0, m2=0.5)
+ARCFACE = margins.make_margin(m2=0.5)
 
 
 def _loss_fns(chunk_size: int) -> dict:
-  plain = lambda x, w, y: losses.margin_softmax_loss(x, w, y, **MARGIN)[0]
-  chunked = lambda x, w, y: losses.chunked_margin_softmax_loss(
-      x, w, y, chunk_size=chunk_size, **MARGIN)[0]
+  plain = lambda x, w, y: head.margin_softmax(x, w, y, margin=ARCFACE, s=64.0)[0]
+  chunked = lambda x, w, y: head.margin_softmax(x, w, y, margin=ARCFACE, s=64.0,
+                                                chunk_size=chunk_size)[0]
   return {name: jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
           for name, fn in [("plain", plain), ("chunked", chunked)]}
 
@@ -63,7 +64,10 @@ def main():
   parser.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000, 2_000_000])
   parser.add_argument("--chunk-size", type=int, default=2048)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat (CI)")
   args = parser.parse_args()
+  if args.smoke:
+    args.batch, args.dim, args.classes, args.chunk_size, args.repeats = 32, 16, [4096], 512, 1
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), B={args.batch}, "
         f"d={args.dim}, chunk_size={args.chunk_size}, forward+backward, "

@@ -10,23 +10,24 @@ device's dense peak for the dtype, e.g. 989 for an H100 SXM in bfloat16) it
 prints MFU = FLOPs/image × images/s / (peak × devices).
 
   python -m benchmarks.train_step [--models iresnet50 tiny_cnn] [--batch-per-device 8]
-      [--dtypes float32 bfloat16] [--peak-tflops 989]
+      [--dtypes float32 bfloat16] [--peak-tflops 989] [--smoke]
 """
 
 import argparse
+import functools
 import statistics
 import time
 
 import jax
 import numpy as np
 
-from arcjax import parallel
+from arcjax import sharding
 from arcjax import train
 from configs import default
 
 # (H, W, C) of each model's benchmark input: faces for the paper's backbones,
 # the default dataset's images for the tiny CNN.
-IMAGE_SHAPES = {"tiny_cnn": (28, 28, 1)}
+IMAGE_SHAPES = {"tiny_cnn": (32, 32, 1)}
 FACE_SHAPE = (112, 112, 3)
 
 
@@ -34,17 +35,17 @@ def _step_and_inputs(name: str, dtype: str, batch_per_device: int, classes: int)
   config = default.get_config()
   config.model.update(name=name, dtype=dtype, embedding_dim=512)
   config.train.parallel = "mesh"
-  par = parallel.parallel_for("mesh")
+  par = sharding.parallelism_for(config.train, config.head)
   shape = IMAGE_SHAPES.get(name, FACE_SHAPE)
   batch_size = batch_per_device * par.num_devices
   rng = np.random.default_rng(0)
   batch = par.put_batch({
       "image": rng.integers(0, 256, (batch_size, *shape), dtype=np.uint8),
       "label": rng.integers(0, classes, batch_size).astype(np.int32)})
-  state = train.create_train_state(config, jax.random.key(0), classes, shape)
-  state = par.put_state(par.from_host(state))
-  step = train.make_train_step(config, par, classes)
-  return step, state, batch, batch_size, shape
+  state = par.init(functools.partial(train.create_train_state, config, num_classes=classes,
+                                     image_shape=shape), jax.random.key(0))
+  step = train.make_train_step(config, par, classes, state)
+  return step, par.to_step(state), batch, batch_size, shape
 
 
 def _flops(compiled) -> float:
@@ -73,7 +74,7 @@ def benchmark(name: str, dtype: str, batch_per_device: int, classes: int, repeat
     rates.append(steps * batch_size / (time.perf_counter() - start))
   return {"model": name, "dtype": dtype, "shape": shape, "batch": batch_size,
           "images_per_s": statistics.median(rates), "flops_per_image": _flops(compiled) / batch_size,
-          "compile_s": compile_s, "loss": float(parallel.host_copy(metrics)["loss"])}
+          "compile_s": compile_s, "loss": float(np.asarray(metrics["loss"]))}
 
 
 def main():
@@ -86,7 +87,11 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="dense peak TFLOP/s of one device in the dtype, for MFU")
+  parser.add_argument("--smoke", action="store_true", help="tiny CNN, 1 repeat of 1 step (CI)")
   args = parser.parse_args()
+  if args.smoke:
+    args.models, args.dtypes, args.batch_per_device, args.repeats, args.steps = (
+        ["tiny_cnn"], ["float32", "bfloat16"], 4, 1, 1)
 
   devices = jax.local_devices()
   print(f"devices: {len(devices)} × {devices[0].device_kind} ({jax.default_backend()}); "
