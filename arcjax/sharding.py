@@ -264,6 +264,32 @@ class Parallelism:
     return jax.tree.map(copy, tree)
 
 
+# A replicated head whose centres and optimiser copies take more of a device's memory than
+# this is worth sharding (config.head.sharded): see the README's rule.
+HEAD_MEMORY_FRACTION = 0.25
+
+
+def device_memory_bytes() -> int | None:
+  """The memory of one local device (None where the backend does not say: CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return None if not stats else stats.get("bytes_limit")
+
+
+def replicated_head_note(abstract_state: Any, memory_bytes: int | None) -> str | None:
+  """A note to shard the head when its replicated class rows (the centres and the optimiser's
+  copies of them) pass HEAD_MEMORY_FRACTION of `memory_bytes`; None otherwise."""
+  rows = jax.tree.leaves(jax.tree.map(lambda leaf, is_rows: leaf.size * leaf.dtype.itemsize
+                                      if is_rows else 0, abstract_state,
+                                      match_tree(abstract_state, CLASS_ROWS)))
+  held = sum(rows)
+  if memory_bytes is None or held <= HEAD_MEMORY_FRACTION * memory_bytes:
+    return None
+  return (f"note: the replicated head's centres and their optimiser state take "
+          f"{held / 2**30:.1f} GiB of each device's {memory_bytes / 2**30:.1f} GiB, and their "
+          "gradient is all-reduced every step: set config.head.sharded=True to split them over "
+          "the devices (and config.head.sample_rate < 1 for Partial FC)")
+
+
 def parallelism_for(train_config: Any, head_config: Any) -> Parallelism:
   """The `Parallelism` of `config.train.parallel` and `config.head.sharded`."""
   check_config(train_config, head_config)

@@ -214,6 +214,10 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
                            num_shards=par.num_devices if config.head.sharded else 1)
   key = jax.random.key(config.seed)
   abstract = par.abstract(jax.eval_shape(init, key))
+  note = None if config.head.sharded else sharding.replicated_head_note(
+      abstract, sharding.device_memory_bytes())
+  if note and primary:
+    print(note, flush=True)
   checkpoints = workdir.Checkpoints(directory, keep=config.train.keep_checkpoints)
   restored = checkpoints.restore_latest(abstract, sharding.match_tree(abstract, sharding.CLASS_ROWS),
                                         primary=primary)

@@ -389,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
   parser.add_argument("--reference", help="the row the others are compared with (default "
                                           f"{DEFAULT_REFERENCE} when present)")
+  parser.add_argument("--rows", help="comma-separated rows to show, in this order (default: "
+                                     "every row under the root)")
   parser.add_argument("--out", help="write the table to this file instead of stdout")
   parser.add_argument("--traceback", action="store_true",
                       help="show the traceback of an error instead of one line")
@@ -396,6 +398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   with errors.report_errors(traceback=args.traceback):
     runs = collect(args.root)
     rows = {run["row"] for run in runs}
+    if args.rows:
+      wanted = args.rows.split(",")
+      missing = [row for row in wanted if row not in rows]
+      if missing:
+        raise errors.ConfigError(f"--rows {', '.join(missing)}: not rows of {args.root} "
+                                 f"(rows: {', '.join(sorted(rows))})")
+      runs = sorted((run for run in runs if run["row"] in wanted),
+                    key=lambda run: wanted.index(run["row"]))
+      rows = set(wanted)
     if args.reference is not None and args.reference not in rows:
       raise errors.ConfigError(f"--reference {args.reference!r} is not a row of {args.root} "
                                f"(rows: {', '.join(sorted(rows))})")

@@ -671,13 +671,13 @@ def deploy_commands(*, tpu: str, zone: str, commit: str, archive: str, remote_di
 
   `git archive` into `archive` (a local .tar.gz), `gcloud … scp --worker=all` to
   each worker's home, then on every worker: unpack into `remote_dir`, and pip
-  install requirements.txt, the TPU build of jax `jax_version` and gcsfs (for
-  gs:// workdirs).
+  install requirements.txt (gcsfs, for gs:// workdirs, among them) and the TPU
+  build of jax `jax_version`.
   """
   name = os.path.basename(archive)
   folder = _quote_remote_path(remote_dir)
   install = shlex.join([remote_python, "-m", "pip", "install", "-r", "requirements.txt",
-                        f"jax[tpu]=={jax_version}", "gcsfs", "-f", LIBTPU_RELEASES])
+                        f"jax[tpu]=={jax_version}", "-f", LIBTPU_RELEASES])
   remote = (f"mkdir -p {folder} && tar -xzf ~/{shlex.quote(name)} -C {folder} && "
             f"cd {folder} && {install}")
   return [["mkdir", "-p", os.path.dirname(archive) or "."],

@@ -461,7 +461,7 @@ def test_tpu_pod_dry_run_matches_the_recorded_commands(grid_repo):
   assert commands[1] == ["git", "archive", "--format=tar.gz",
                          "--output=runs/pair-logs/arcjax.tar.gz", "v1.0"]
   remote = commands[3][-1].removeprefix("--command=")
-  assert shlex.split(remote)[-4:] == ["jax[tpu]==0.10.2", "gcsfs", "-f",
+  assert shlex.split(remote)[-4:] == ["requirements.txt", "jax[tpu]==0.10.2", "-f",
                                       launch.LIBTPU_RELEASES]
   flag, trainer = commands[4][-1].split("=", 1)
   assert flag == "--command" and shlex.split(trainer) == [
@@ -554,7 +554,7 @@ def test_tpu_pod_deploy_command_unpacks_the_archive_in_a_real_shell(grid_repo,
   assert (home / "my repo" / "grid.py").read_text() == GRID
   assert (home / "pip.cwd").read_text().strip() == str(home / "my repo")
   assert (home / "pip.args").read_text().split() == [
-      "-m", "pip", "install", "-r", "requirements.txt", "jax[tpu]==0.10.2", "gcsfs", "-f",
+      "-m", "pip", "install", "-r", "requirements.txt", "jax[tpu]==0.10.2", "-f",
       launch.LIBTPU_RELEASES]
 
 
@@ -755,6 +755,16 @@ def test_collect_command_line(runs_root, seeded_root, tmp_path, capsys):
   assert capsys.readouterr().err == (
       f"error: --reference 'sphereface' is not a row of {seeded_root} "
       "(rows: arcface, cosface, norm_softmax, triplet)\n")
+
+
+def test_collect_shows_the_rows_asked_for_in_their_order(seeded_root, capsys):
+  assert collect_lib.main([str(seeded_root), "--rows", "triplet,norm_softmax"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split("|")[1].strip() for line in lines[2:4]] == ["triplet", "norm_softmax"]
+  assert not any(line.startswith("| arcface") for line in lines)
+  with pytest.raises(SystemExit):
+    collect_lib.main([str(seeded_root), "--rows", "arcface,nosuch"])
+  assert "error: --rows nosuch: not rows of" in capsys.readouterr().err
 
 
 def test_collect_reads_a_grid_from_a_bucket(seeded_root, monkeypatch):

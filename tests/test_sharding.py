@@ -103,6 +103,19 @@ def test_compiled_step_means_over_the_global_batch():
     assert float(par.host(par.to_global(new_state))) == pytest.approx(8.5), mode
 
 
+def test_a_replicated_head_that_fills_a_device_gets_a_note():
+  """2 M identities × 512 with SGD momentum: 7.6 GiB of class rows, past a quarter of 16 GiB."""
+  state = {"head": {"centres": jax.ShapeDtypeStruct((2_000_000, 512), jnp.float32)},
+           "opt_state": {"trace": {"head": {"centres": jax.ShapeDtypeStruct((2_000_000, 512),
+                                                                              jnp.float32)}}},
+           "params": {"kernel": jax.ShapeDtypeStruct((10**8,), jnp.float32)}}
+  note = sharding.replicated_head_note(state, 16 * 2**30)
+  assert note is not None and "7.6 GiB of each device's 16.0 GiB" in note
+  assert "config.head.sharded=True" in note
+  assert sharding.replicated_head_note(state, 64 * 2**30) is None  # 7.6 GiB < 16 GiB
+  assert sharding.replicated_head_note(state, None) is None       # the CPU does not say
+
+
 def test_bad_modes_are_config_errors():
   with pytest.raises(errors.ConfigError, match="train.parallel must be one of"):
     sharding.parallelism_for(*_configs("ddp"))
