@@ -1,12 +1,19 @@
-"""Executes notebooks/*.ipynb headless on a small synthetic finished grid.
+"""Executes notebooks/*.ipynb headless on small grids and checks what they print and draw.
 
-The grid's files follow the workdir layout the trainer writes (config.json,
-metrics.jsonl, angles/theta_step*.npz, angle_stats.json, results.json), with
-plausible arrays: θ_y starts near 90° (random init) and shrinks with training.
+The synthetic grid is seeded (`<row>/seed<k>`) and its files follow the workdir layout the
+trainer writes (config.json, metrics.jsonl, angles/theta_step*.npz, results.json), with
+plausible arrays: θ_y starts near 90° (random init) and shrinks with training. The numbers the
+notebooks print are checked against ones computed here from what was written. One test adds a
+really trained (tiny) run as a row, for the notebook's section that loads a run as a model.
 """
 
 import json
+import os
 import pathlib
+import re
+import shutil
+import subprocess
+import sys
 
 import nbformat
 import numpy as np
@@ -16,60 +23,89 @@ from nbclient.exceptions import CellExecutionError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
+KERNEL_TIMEOUT = 600  # seconds per cell on a loaded machine (not a speed assertion)
 STEPS = (0, 150, 300)
-# Final mean θ_y (degrees) of each finished synthetic run.
-FINISHED = {"norm_softmax": 52.0, "arcface": 31.0, "triplet_l": 64.0}
+# row: (final mean θ_y in degrees, finished seeds, unfinished seeds).
+ROWS = {"arcface": (31.0, (0, 1, 2), ()),
+        "norm_softmax": (52.0, (0, 1, 2), ()),
+        "triplet_l": (64.0, (0, 1), (2,)),  # trains no centres: W-EC, W-Inter do not apply
+        "inter_l": (45.0, (), (0,))}
+ANGLE_KEYS = ("w_ec_deg", "w_inter_deg", "intra1_deg", "inter1_deg", "intra2_deg", "inter2_deg")
 
 
 def _theta(rng, mean_deg: float, std_deg: float, size: int) -> np.ndarray:
   return np.clip(np.radians(rng.normal(mean_deg, std_deg, size)), 0.0, np.pi).astype(np.float32)
 
 
-def _write_run(root: pathlib.Path, name: str, end_theta_deg: float, *, finished: bool,
-               seed: int, probe: int = 256) -> None:
-  rng = np.random.default_rng(seed)
-  run = root / name
+def _angle_stats(row: str, seed: int) -> dict[str, float | None]:
+  end_theta = ROWS[row][0]
+  stats = {"w_ec_deg": end_theta / 2 + seed ** 2, "w_inter_deg": 80.0 + seed,
+           "intra1_deg": end_theta * 0.9 - seed, "inter1_deg": 70.0 - 2 * seed,
+           "intra2_deg": end_theta * 1.1 + seed / 3, "inter2_deg": 60.0 - seed}
+  if row == "triplet_l":
+    stats.update(w_ec_deg=None, w_inter_deg=None)
+  return stats
+
+
+def _accuracy(row: str, seed: int) -> float:
+  return 0.9 - seed / 100 - len(row) / 1000
+
+
+def _write_run(run: pathlib.Path, row: str, seed: int, *, finished: bool,
+               probe: int = 256) -> dict[int, float]:
+  """Writes one run; returns {step: mean θ_y in degrees} of its θ records."""
+  rng = np.random.default_rng([seed, len(row)])
+  end_theta = ROWS[row][0] + seed
   (run / "angles").mkdir(parents=True)
-  (run / "config.json").write_text(json.dumps({"loss": {"preset": name}, "seed": seed}))
+  (run / "config.json").write_text(json.dumps({"loss": {"preset": row}, "seed": seed}))
   steps = STEPS if finished else STEPS[:1]
   labels = rng.integers(0, 32, probe).astype(np.int32)
+  means = {}
   for step in steps:
     progress = step / STEPS[-1]
-    np.savez(run / "angles" / f"theta_step{step:08d}.npz",
-             theta_target=_theta(rng, 90 + (end_theta_deg - 90) * progress, 3 + 6 * progress,
-                                 probe),
+    theta_target = _theta(rng, 90 + (end_theta - 90) * progress, 3 + 6 * progress, probe)
+    np.savez(run / "angles" / f"theta_step{step:08d}.npz", theta_target=theta_target,
              theta_nearest=_theta(rng, 88 - 12 * progress, 3 + 2 * progress, probe),
              labels=labels)
+    means[step] = float(np.degrees(theta_target.astype(np.float64)).mean())
   with open(run / "metrics.jsonl", "w") as f:
     for step in steps:
       f.write(json.dumps({"step": step, "train/loss": 20.0 - 0.05 * step}) + "\n")
-  if not finished:
-    return
-  stats = {"w_ec_deg": end_theta_deg / 2, "w_inter_deg": 80.0 + seed,
-           "intra1_deg": end_theta_deg * 0.9, "inter1_deg": 70.0 - seed,
-           "intra2_deg": end_theta_deg * 1.1, "inter2_deg": 60.0 - seed}
-  (run / "angle_stats.json").write_text(json.dumps({**stats, "step": STEPS[-1]}))
-  (run / "results.json").write_text(json.dumps({
-      "step": STEPS[-1], "loss": name, "angle_stats": stats,
-      "eval": {"lfw": {"accuracy": 0.9 - seed / 100, "accuracy_std": 0.01, "auc": 0.95},
-               "agedb_30": {"accuracy": 0.8, "accuracy_std": 0.02, "auc": 0.9}}}))
+  if finished:
+    stats = _angle_stats(row, seed)
+    (run / "angle_stats.json").write_text(json.dumps({**stats, "step": STEPS[-1]}))
+    (run / "results.json").write_text(json.dumps({
+        "step": STEPS[-1], "loss": {"preset": row}, "angle_stats": stats,
+        "eval": {"lfw": {"accuracy": _accuracy(row, seed), "accuracy_std": 0.01, "auc": 0.95}}}))
+  return means
+
+
+def _write_grid(root: pathlib.Path) -> dict[str, dict[int, float]]:
+  """The synthetic grid under `root`; returns {'<row>/seed<k>': {step: mean θ_y (°)}}."""
+  means = {}
+  for row, (_, finished, unfinished) in ROWS.items():
+    for seed in sorted(finished + unfinished):
+      means[f"{row}/seed{seed}"] = _write_run(root / row / f"seed{seed}", row, seed,
+                                              finished=seed in finished)
+  return means
 
 
 @pytest.fixture(scope="module")
-def grid_root(tmp_path_factory) -> pathlib.Path:
+def grid(tmp_path_factory) -> tuple[pathlib.Path, dict[str, dict[int, float]]]:
   root = tmp_path_factory.mktemp("table5")
-  for seed, (name, end_theta) in enumerate(FINISHED.items()):
-    _write_run(root, name, end_theta, finished=True, seed=seed)
-  _write_run(root, "inter_l", 45.0, finished=False, seed=9)
-  return root
+  return root, _write_grid(root)
 
 
-def _execute(name: str, runs_root: pathlib.Path, monkeypatch) -> nbformat.NotebookNode:
-  # The kernel inherits the environment; cwd = repo root so `import arcjax` works.
-  monkeypatch.setenv("ARCJAX_RUNS", str(runs_root))
+def _execute(name: str, runs_root: str | os.PathLike, env: dict[str, str] | None = None,
+             **params) -> nbformat.NotebookNode:
+  """Runs notebook `name` on RUNS=`runs_root`, its parameters cell extended by `params`."""
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-  NotebookClient(nb, timeout=300, kernel_name="python3",
-                 resources={"metadata": {"path": str(REPO)}}).execute()
+  (cell,) = [c for c in nb.cells if c.get("id") == "params"]
+  cell.source += "".join(f"\n{key} = {value!r}" for key, value in params.items())
+  env = {**(env or os.environ), "ARCJAX_RUNS": str(runs_root)}
+  # cwd = repo root so `import arcjax` works.
+  NotebookClient(nb, timeout=KERNEL_TIMEOUT, kernel_name="python3",
+                 resources={"metadata": {"path": str(REPO)}}).execute(env=env)
   return nb
 
 
@@ -78,40 +114,156 @@ def _outputs(nb: nbformat.NotebookNode, cell_id: str) -> list:
   return cell.outputs
 
 
-def _pngs(outputs) -> int:
-  return sum("image/png" in o.get("data", {}) for o in outputs)
+def _text(nb: nbformat.NotebookNode, cell_id: str) -> str:
+  return "".join(o.get("text", "") for o in _outputs(nb, cell_id))
 
 
-@pytest.mark.slow
-def test_theta_histograms_notebook(grid_root, monkeypatch):
-  nb = _execute("theta_histograms.ipynb", grid_root, monkeypatch)
-  assert _pngs(_outputs(nb, "per_loss")) == 1
-  assert _pngs(_outputs(nb, "end")) == 1
-  summary = "".join(o.get("text", "") for o in _outputs(nb, "load")).splitlines()
-  # Every run with θ records, the unfinished one at its only step; start / middle / end picked.
-  arcface = [line.split() for line in summary if line.startswith("arcface ")]
-  assert [fields[1:3] for fields in arcface] == [["start", "0"], ["middle", "150"],
-                                                 ["end", "300"]]
-  assert abs(float(arcface[2][3]) - FINISHED["arcface"]) < 2.0
-  assert [line.split()[:3] for line in summary if line.startswith("inter_l ")] == [
-      ["inter_l", "start/middle/end", "0"]]
+def _pngs(nb: nbformat.NotebookNode, cell_id: str) -> int:
+  return sum("image/png" in o.get("data", {}) for o in _outputs(nb, cell_id))
 
 
-@pytest.mark.slow
-def test_angle_statistics_notebook(grid_root, monkeypatch):
-  nb = _execute("angle_statistics.ipynb", grid_root, monkeypatch)
+def _summary(nb: nbformat.NotebookNode) -> dict[str, list[list[str]]]:
+  """The θ notebook's printed table: {run name: [[stage, step, mean θ_y, mean nearest]]}."""
+  table = {}
+  for line in _text(nb, "load").splitlines()[1:]:
+    name, *fields = line.split()
+    table.setdefault(name, []).append(fields)
+  return table
+
+
+def _check_theta_summary(nb, means: dict[str, dict[int, float]], shown: list[str]) -> None:
+  table = _summary(nb)
+  assert sorted(table) == sorted(shown)
+  for name in shown:
+    steps = list(means[name])
+    if len(steps) == 3:
+      assert [fields[:2] for fields in table[name]] == [["start", "0"], ["middle", "150"],
+                                                      ["end", "300"]]
+    else:  # an unfinished run: its only record is all three stages
+      assert [fields[:2] for fields in table[name]] == [["start/middle/end", "0"]]
+    for fields in table[name]:
+      assert abs(float(fields[2]) - means[name][int(fields[1])]) <= 0.051, (name, fields)
+
+
+def _mean_std(values) -> str:
+  return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def test_theta_histograms_notebook(grid):
+  root, means = grid
+  nb = _execute("theta_histograms.ipynb", root)
+  # Each row's first seed with θ records; the unfinished inter_l at its only step.
+  _check_theta_summary(nb, means, ["arcface/seed0", "norm_softmax/seed0", "triplet_l/seed0",
+                                   "inter_l/seed0"])
+  assert _pngs(nb, "per_loss") == 1
+  assert _pngs(nb, "end") == 1
+  assert _text(nb, "model").startswith("No finished run with a checkpoint among arcface/seed0")
+  assert "this section is skipped" in _text(nb, "model")
+  assert _pngs(nb, "model_plot") == 0
+
+
+def test_theta_histograms_notebook_plots_the_chosen_seed(grid):
+  root, means = grid
+  nb = _execute("theta_histograms.ipynb", root, SEED=1, RUN_NAMES=["triplet_l", "arcface"])
+  _check_theta_summary(nb, means, ["triplet_l/seed1", "arcface/seed1"])
+  assert list(_summary(nb)) == ["triplet_l/seed1", "arcface/seed1"]  # in RUN_NAMES' order
+  assert _pngs(nb, "per_loss") == 1
+
+  with pytest.raises(CellExecutionError, match=r"no angles/theta_step\*\.npz under .* \(seed 1\) "
+                                               r"for inter_l"):
+    _execute("theta_histograms.ipynb", root, SEED=1, RUN_NAMES=["arcface", "inter_l"])
+
+
+def test_angle_statistics_notebook(grid):
+  root, _ = grid
+  nb = _execute("angle_statistics.ipynb", root)
   (table,) = _outputs(nb, "table")
   markdown = table["data"]["text/markdown"]
-  for name in FINISHED:
-    assert f"| {name} |" in markdown
-  assert "| arcface | 89.00 ± 1.00 | 80.00 ± 2.00 | 15.50 |" in markdown
-  assert "Unfinished: inter_l (step 0)" in markdown
-  assert _pngs(_outputs(nb, "bars")) == 1
-  assert _pngs(_outputs(nb, "logits")) == 1
+  arcface = [_angle_stats("arcface", seed) for seed in (0, 1, 2)]
+  lfw = _mean_std([100 * _accuracy("arcface", seed) for seed in (0, 1, 2)])
+  # W-EC is marked: 10.5° from norm_softmax's, five times the standard error of the difference.
+  assert (f"| arcface | 3 | {lfw} | {_mean_std([s['w_ec_deg'] for s in arcface])} * | "
+          f"{_mean_std([s['w_inter_deg'] for s in arcface])} |") in markdown
+  assert "| triplet_l | 2 | " in markdown and "| inter_l |" not in markdown
+  assert "Unfinished: inter_l/seed0 (step 0), triplet_l/seed2 (step 0)" in markdown
+
+  assert _pngs(nb, "bars") == 1
+  labels = {}
+  for line in _text(nb, "bars").splitlines()[1:]:
+    tick, *cells = re.split(r"\s{2,}", line.strip())
+    labels[tick] = cells
+  assert list(labels) == ["arcface (n=3)", "norm_softmax (n=3)", "triplet_l (n=2)"]
+  for tick, row, seeds in (("arcface (n=3)", "arcface", (0, 1, 2)),
+                           ("triplet_l (n=2)", "triplet_l", (0, 1))):
+    stats = [_angle_stats(row, seed) for seed in seeds]
+    assert labels[tick] == ["–" if stats[0][key] is None else
+                            _mean_std([s[key] for s in stats]) for key in ANGLE_KEYS]
+  assert labels["triplet_l (n=2)"][:2] == ["–", "–"]
+  assert _pngs(nb, "logits") == 1
+
+
+def test_notebook_without_records_fails_clearly(tmp_path):
+  run = tmp_path / "arcface" / "seed0"
+  run.mkdir(parents=True)
+  (run / "config.json").write_text("{}")  # a run that has not recorded θ yet
+  with pytest.raises(CellExecutionError, match="no angles/theta_step"):
+    _execute("theta_histograms.ipynb", tmp_path)
 
 
 @pytest.mark.slow
-def test_notebook_without_records_fails_clearly(tmp_path, monkeypatch):
-  (tmp_path / "empty_run").mkdir()
-  with pytest.raises(CellExecutionError, match="no angles/theta_step"):
-    _execute("theta_histograms.ipynb", tmp_path, monkeypatch)
+def test_notebooks_read_a_grid_in_a_bucket(gcs, grid):
+  root, means = grid
+  upload = ("import pathlib, sys\nfrom etils import epath\n"
+            "root = pathlib.Path(sys.argv[1])\n"
+            "for file in root.rglob('*'):\n"
+            "  if file.is_file():\n"
+            "    epath.Path('gs://bucket/table5', str(file.relative_to(root)))"
+            ".write_bytes(file.read_bytes())\n")
+  subprocess.run([sys.executable, "-c", upload, str(root)], env=gcs, check=True, timeout=600)
+  nb = _execute("theta_histograms.ipynb", "gs://bucket/table5", env=gcs)
+  _check_theta_summary(nb, means, ["arcface/seed0", "norm_softmax/seed0", "triplet_l/seed0",
+                                   "inter_l/seed0"])
+  assert _pngs(nb, "per_loss") == 1
+  nb = _execute("angle_statistics.ipynb", "gs://bucket/table5", env=gcs)
+  assert "| arcface | 3 | " in _outputs(nb, "table")[0]["data"]["text/markdown"]
+  assert _pngs(nb, "bars") == 1
+
+
+@pytest.fixture(scope="module")
+def trained_grid(grid, tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+  """The synthetic grid plus a tiny real run as row 'tiny_arcface', seed 0: (root, its path)."""
+  from arcjax import train  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("trained") / "table5"
+  shutil.copytree(grid[0], root)
+  path = root / "tiny_arcface" / "seed0"
+  config = default.get_config()
+  config.train.update(steps=6, batch_size=32, checkpoint_every=6, log_every=3)
+  config.model.embedding_dim = 16
+  config.eval.every = 0
+  config.angles.probe_size = 64
+  config.data.max_pairs = 200
+  config.wandb.mode = "disabled"
+  train.train_and_evaluate(config, str(path))
+  return root, path
+
+
+@pytest.mark.slow
+def test_theta_histograms_notebook_loads_a_trained_run(trained_grid):
+  from arcjax import data, inference  # pylint: disable=import-outside-toplevel
+  root, path = trained_grid
+  run = inference.load_run(path)
+  images, labels = data.get_datasets(run.config.data).unseen
+  nb = _execute("theta_histograms.ipynb", root)
+  assert "tiny_arcface/seed0" in _summary(nb)
+  lines = _text(nb, "model").splitlines()
+  # The synthetic runs before it have no checkpoint: the trained run is the one loaded.
+  assert lines[0] == (f"model: {path} (checkpoint at step 6, {len(run.centres)} centres)")
+  assert lines[1] == (f"unseen images embedded: {len(images)} of {len(np.unique(labels))} "
+                      "identities")
+  nearest = np.degrees(np.arccos(np.clip(
+      (run.embed(images) @ (run.centres / np.linalg.norm(run.centres, axis=1, keepdims=True)).T
+       ).max(axis=1), -1, 1)))
+  printed = float(re.fullmatch(r"mean angle to the nearest trained centre: (.*)°", lines[2])[1])
+  assert abs(printed - nearest.mean()) <= 0.051
+  assert _pngs(nb, "model_plot") == 1
