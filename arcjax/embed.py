@@ -1,10 +1,10 @@
-"""Embeds a folder of images with a trained run, for use elsewhere.
+"""Embeds a folder (or a .zip) of images with a trained run, for use elsewhere.
 
-  python -m arcjax.embed --workdir=runs/default --images=DIR --out=PREFIX [--step=N]
+  python -m arcjax.embed --workdir=runs/default --images=DIR_OR_ZIP --out=PREFIX [--step=N]
 
 Writes PREFIX.npy, (N, d) float32 L2-normalised embeddings (the run's own
 preprocessing, flip fusion as its `eval.flip`), and PREFIX.txt, the N image
-paths relative to DIR, one per line, in the order of the rows.
+paths relative to DIR (or inside the zip), one per line, in the order of the rows.
 """
 
 import argparse
@@ -19,7 +19,7 @@ from arcjax import errors
 _CHUNK = 2048  # images decoded at a time
 
 
-def image_files(folder: str) -> list[str]:
+def image_files(folder: str | os.PathLike) -> list[str]:
   """Paths of the image files under `folder`, relative to it, sorted (hidden entries skipped)."""
   from arcjax.data.folders import IMAGE_SUFFIXES  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(folder):
@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m arcjax.embed",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="the trained run's workdir")
-  parser.add_argument("--images", required=True, help="a folder of images (searched recursively)")
+  parser.add_argument("--images", required=True,
+                      help="a folder of images (searched recursively), or a .zip of one")
   parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npy, PREFIX.txt")
   parser.add_argument("--step", type=int, help="the checkpoint to use (default: the latest)")
   parser.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
@@ -46,11 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   with errors.report_errors(traceback=args.traceback):
     import tqdm  # pylint: disable=import-outside-toplevel
     from arcjax import inference  # pylint: disable=import-outside-toplevel
-    files = image_files(args.images)
+    from arcjax.data.folders import unpacked  # pylint: disable=import-outside-toplevel
     run = inference.load_run(args.workdir, args.step)
-    chunks = []
-    for start in tqdm.trange(0, len(files), _CHUNK, unit="chunk", desc="embedding"):
-      chunks.append(run.embed([os.path.join(args.images, f) for f in files[start:start + _CHUNK]]))
+    with unpacked(args.images) as folder:
+      files = image_files(folder)
+      chunks = [run.embed([os.path.join(folder, f) for f in files[start:start + _CHUNK]])
+                for start in tqdm.trange(0, len(files), _CHUNK, unit="chunk", desc="embedding")]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.save(args.out + ".npy", np.concatenate(chunks))
     with open(args.out + ".txt", "w", encoding="utf-8") as f:

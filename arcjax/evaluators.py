@@ -91,7 +91,9 @@ class Verification:
         config.eval.batch_size, *(len(pair_set.images) for pair_set in eval_sets.values()))
 
   def due(self, step: int, final: bool) -> bool:
-    return bool(self.eval_sets) and (final or bool(self._every and step % self._every == 0))
+    """At the end, and every `eval.every` steps (not at step 0: nothing is trained yet)."""
+    return bool(self.eval_sets) and (
+        final or bool(self._every and step > 0 and step % self._every == 0))
 
   def __call__(self, view: ModelView) -> dict[str, dict[str, float]]:
     return verify_sets(self._embed, view.variables, self.eval_sets, batch_size=self._batch,
@@ -186,7 +188,9 @@ class Evaluators:
       self._write_once(view.step, {f"eval/{name}/{key}": value
                                    for name, summary in self.eval_results.items()
                                    for key, value in summary.items()})
-      self._progress.write(f"step {view.step} verification:\n"
+      title = f"final verification (step {view.step})" if final else (
+          f"step {view.step} verification")
+      self._progress.write(f"{title}:\n"
                            + evaluation.format_table(self.eval_results, self.baseline))
     if self._angles.due(view.step, final):
       stats = self._angles(view, final=final)

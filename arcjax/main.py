@@ -76,15 +76,11 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   with errors.report_errors(traceback=_TRACEBACK.value):
     # Imported here: a mistyped flag is reported above without loading JAX's stack.
-    from arcjax import evaluation, sharding, train  # pylint: disable=import-outside-toplevel
+    from arcjax import sharding, train  # pylint: disable=import-outside-toplevel
     train.check_config(config)
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     auto=_AUTO.value)
-    results = train.train_and_evaluate(config, _WORKDIR.value,
-                                       allow_config_change=_ALLOW_CHANGE.value)
-  if results["eval"]:
-    print(f"final verification (step {results['step']}):")
-    print(evaluation.format_table(results["eval"], results["pixel_baseline"]))
+    train.train_and_evaluate(config, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
   print(f"results: {_WORKDIR.value.rstrip('/')}/results.json")
 
 

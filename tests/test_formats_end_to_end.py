@@ -103,8 +103,9 @@ def test_orl_converted_by_the_cli_trains_the_papers_setting(shared_datasets, tmp
 
   result = _main(tmp_path / "run", *paper, "--config.train.batch_size=16")
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "final verification (step 4)" in result.stdout
-  assert [line.split()[0] for line in result.stdout.splitlines()[-3:-1]] == ["set", "holdout"]
+  lines = result.stdout.splitlines()
+  table = lines.index("final verification (step 4):")
+  assert [line.split()[0] for line in lines[table + 1:table + 3]] == ["set", "holdout"]
   results = json.loads((tmp_path / "run" / "results.json").read_text())
   assert set(results["eval"]) == {"holdout"}  # the .bin beside train.rec, found by itself
   stats = results["angle_stats"]

@@ -5,7 +5,7 @@
       [--format jpeg|png|keep] [--overwrite] [--traceback]
 
 IMAGE_FOLDER holds one sub-folder of images per identity, as
-`folders.ImageFolderSource` reads it. OUT_DIR gets
+`folders.ImageFolderSource` reads it (a .zip of such a folder is unpacked first). OUT_DIR gets
 
   train.rec, train.idx, property  the training identities, insightface's RecordIO
                                   (`data.name='recordio'`, `data.path=OUT_DIR`)
@@ -41,7 +41,7 @@ import tqdm
 from arcjax import errors
 from arcjax.data import pairs
 from arcjax.data import recordio
-from arcjax.data.folders import FITS, ImageFolderSource, fit_file
+from arcjax.data.folders import FITS, ImageFolderSource, fit_file, unpacked
 from arcjax.data.sources import Subset, open_set_split
 
 # --format: the PIL format to re-encode every image as; 'keep' (None) keeps each file's bytes
@@ -236,7 +236,8 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m arcjax.data.convert", description=__doc__.split("\n\n")[0],
       epilog="See the module docstring (python -m pydoc arcjax.data.convert) for the files written.")
-  parser.add_argument("image_folder", help="one sub-folder of images per identity")
+  parser.add_argument("image_folder", help="one sub-folder of images per identity (or a .zip "
+                                           "of such a folder)")
   parser.add_argument("out_dir", help="where train.rec, train.idx, property and the .bin go")
   parser.add_argument("--size", type=_size_argument, required=True,
                       help="side S of the square images (insightface: 112), or HxW")
@@ -269,8 +270,8 @@ def _size_argument(text: str) -> tuple[int, int]:
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line; an expected failure ends as one line `error: …` and exit status 1."""
   args = _parser().parse_args(argv)
-  with errors.report_errors(traceback=args.traceback):
-    written = convert(args.image_folder, args.out_dir, image_size=args.size, fit=args.fit,
+  with errors.report_errors(traceback=args.traceback), unpacked(args.image_folder) as folder:
+    written = convert(folder, args.out_dir, image_size=args.size, fit=args.fit,
                       holdout_identities=args.holdout_identities, bin_name=args.bin_name,
                       max_pairs=args.max_pairs, seed=args.seed, image_format=FORMATS[args.format],
                       overwrite=args.overwrite)

@@ -13,10 +13,13 @@ images of another size to the one they write with a fit policy (`FITS`; the
 geometry is `fit_geometry`'s docstring).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 import io
 import os
 import pathlib
+import tempfile
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -174,6 +177,25 @@ def _scan(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
     raise errors.DataError(f"identity folder {root / nested[0]} holds images and also sub-folders "
                      "with images; an identity must be a leaf folder")
   return found
+
+
+@contextlib.contextmanager
+def unpacked(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """`path` if it is a folder; if a .zip (e.g. `arcjax/data/omniglot/*.zip`), the folder it
+  unpacks to, in a temporary directory removed afterwards."""
+  path = pathlib.Path(path).expanduser()
+  if path.suffix.lower() != ".zip":
+    yield path
+    return
+  if not path.is_file():
+    raise errors.DataError(f"{path} does not exist")
+  with tempfile.TemporaryDirectory(prefix="arcjax-unzip-") as folder:
+    try:
+      with zipfile.ZipFile(path) as archive:
+        archive.extractall(folder)
+    except zipfile.BadZipFile as error:
+      raise errors.DataError(f"{path}: not a readable zip ({error})") from None
+    yield pathlib.Path(folder)
 
 
 class ImageFolderSource:
