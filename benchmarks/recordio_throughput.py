@@ -10,7 +10,7 @@ run, as images/s (median of `--repeats` passes over `--batches` random batches):
 
 and each decoded figure as a ratio to raw.
 
-  python -m benchmarks.recordio_throughput [--images 8192] [--batch 128]
+  python -m benchmarks.recordio_throughput [--images 8192] [--batch 128] [--smoke]
 """
 
 import argparse
@@ -76,9 +76,13 @@ def main():
   parser.add_argument("--batches", type=int, default=24)
   parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--smoke", action="store_true", help="256 images, 1 repeat (CI)")
   args = parser.parse_args()
+  if args.smoke:
+    args.images, args.identities, args.batch, args.batches, args.threads, args.repeats = (
+        256, 16, 32, 4, [2], 1)
 
-  distinct = _jpegs(512, seed=0)
+  distinct = _jpegs(min(512, args.images), seed=0)
   labels = np.sort(np.arange(args.images) % args.identities)
   with tempfile.TemporaryDirectory() as tmp:
     prefix = pathlib.Path(tmp) / "train"
