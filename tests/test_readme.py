@@ -21,7 +21,7 @@ SHORT = " --config.train.steps=20 --config.eval.every=0"
 README = {
     # .ci/run runs this set-up command itself, in full; here its run, shortened, for what follows.
     "pip install -q -r requirements.txt && python -m arcjax.main --config=configs/default.py "
-    "--workdir=runs/default": ("", 0, "final verification (step 20)"),
+    "--workdir=runs/default": (SHORT, 0, "final verification (step 20)"),
     "python -m pytest -q -n 2": None,  # the tests themselves
     "python -m arcjax.evaluate --workdir=runs/default": ("", 0, "verification of runs/default"),
     "python -m arcjax.embed --workdir=runs/default --images=arcjax/data/omniglot/"
