@@ -275,3 +275,24 @@ def test_record_config_refuses_before_writing(tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 0.1
   changes = workdir.record_config(directory, config, allow_changes=True)
   assert [(c.field, c.free) for c in changes] == [("eval.every", True), ("train.lr", False)]
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_on_any_device_count(tmp_path):
+  """Saved with the 200 centres sharded over 3 devices (padded to 201), restored onto 8
+  (200, no padding) with the same numbers, then trained on 1 device unsharded, then on 3."""
+  sharded = ("--config.head.sharded=True", "--config.train.batch_size=48")
+  _finish(_start(tmp_path, 10, *sharded, devices=3))
+  before = json.loads((tmp_path / "results.json").read_text())
+  (tmp_path / "results.json").unlink()
+  _finish(_start(tmp_path, 10, *sharded, devices=8))  # restores step 10, evaluates again
+  after = json.loads((tmp_path / "results.json").read_text())
+  assert after["eval"] == before["eval"] and after["angle_stats"] == before["angle_stats"]
+  _finish(_start(tmp_path, 15, "--config.train.batch_size=48", devices=1))
+  step, state = _checkpoint(tmp_path)
+  assert step == 15 and state["head"]["centres"].shape == (200, 32)
+  _finish(_start(tmp_path, 20, *sharded, devices=3))
+  step, state = _checkpoint(tmp_path)
+  assert step == 20 and state["head"]["centres"].shape == (201, 32)
+  np.testing.assert_array_equal(state["head"]["centres"][200], 0.0)  # padding stays zero
+  assert np.isfinite(state["head"]["centres"]).all()
