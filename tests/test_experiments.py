@@ -833,3 +833,24 @@ def test_collect_errors_name_the_path(tmp_path, capsys):
     collect_lib.main([str(tmp_path / "badconfig")])
   assert capsys.readouterr().err.startswith(
       f"error: {tmp_path}/badconfig/arcface/config.json is not UTF-8 text")
+
+
+def test_term_gradients_plots_each_term_and_names_a_run_without_them(tmp_path, capsys):
+  from experiments import term_gradients  # pylint: disable=import-outside-toplevel
+  run = tmp_path / "ns_intra"
+  run.mkdir()
+  rows = [{"step": s, "train/loss": 1.0, "train/grad_norm/softmax": 1.0 / s,
+           "train/grad_norm/softmax_centres": 2.0 / s, "train/grad_norm/intra": 0.01,
+           "train/grad_norm/intra_centres": 0.02} for s in (50, 100, 150)]
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert term_gradients.series(rows, "")["intra"] == ([50, 100, 150], [0.01] * 3)
+  assert term_gradients.series(rows, "_centres")["softmax"][1] == [0.04, 0.02, 2.0 / 150]
+  out = tmp_path / "plot.png"
+  assert term_gradients.main([str(run), "--out", str(out)]) == 0
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  plain = tmp_path / "arcface"
+  plain.mkdir()
+  (plain / "metrics.jsonl").write_text('{"step": 50, "train/loss": 1.0}\n')
+  with pytest.raises(SystemExit):
+    term_gradients.main([str(plain), "--out", str(out)])
+  assert "logged no per-term gradient norms" in capsys.readouterr().err
