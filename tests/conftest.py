@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import time
@@ -25,6 +26,21 @@ def shared_datasets() -> pathlib.Path:
   if not SHARED_DATASETS.is_dir():
     pytest.skip(f"real datasets not found at {SHARED_DATASETS} (see ../shared/datasets/README.md)")
   return SHARED_DATASETS
+
+
+@pytest.fixture
+def fresh_copy(tmp_path) -> pathlib.Path:
+  """What a clone of this checkout holds (tracked and untracked-not-ignored files), copied
+  to a temporary folder with no ../shared beside it."""
+  listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                          cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+  clone = tmp_path / "fresh" / "arcjax"
+  for name in filter(None, listed):
+    if (REPO / name).is_file():
+      (clone / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(REPO / name, clone / name)
+  assert not (clone.parent / "shared").exists()
+  return clone
 
 
 def _free_port() -> int:

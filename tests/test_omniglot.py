@@ -94,23 +94,10 @@ def test_data_name_omniglot_holds_out_characters(embedded):
   assert not set(unseen_labels) & set(datasets.train.original_labels)
 
 
-def _fresh_copy(tmp_path: pathlib.Path) -> pathlib.Path:
-  """What a clone of this checkout holds (tracked and untracked-not-ignored files), with no
-  ../shared beside it."""
-  listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                          cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
-  clone = tmp_path / "fresh" / "arcjax"
-  for name in filter(None, listed):
-    if (REPO / name).is_file():
-      (clone / name).parent.mkdir(parents=True, exist_ok=True)
-      shutil.copy2(REPO / name, clone / name)
-  assert not (clone.parent / "shared").exists()
-  return clone
-
-
 @pytest.mark.slow
-def test_a_fresh_copy_with_nothing_beside_it_trains_a_row_and_the_table5_grid(tmp_path):
-  clone = _fresh_copy(tmp_path)
+def test_a_fresh_copy_with_nothing_beside_it_trains_a_row_and_the_table5_grid(tmp_path,
+                                                                             fresh_copy):
+  clone = fresh_copy
   env = {**os.environ, "WANDB_MODE": "disabled", "XLA_FLAGS": ""}
   env.pop("PYTHONPATH", None)
   row = subprocess.run(

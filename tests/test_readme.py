@@ -6,7 +6,6 @@ one-line error. A command added to a README without an entry here fails the test
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 
@@ -90,18 +89,6 @@ def test_every_readme_command_has_its_entry_here():
   assert sorted(set(documented)) == sorted(BENCHMARKS), documented
 
 
-def _fresh_copy(tmp_path: pathlib.Path) -> pathlib.Path:
-  """What a clone of this checkout holds, with no ../shared beside it."""
-  listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                          cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
-  clone = tmp_path / "fresh" / "arcjax"
-  for name in filter(None, listed):
-    if (REPO / name).is_file():
-      (clone / name).parent.mkdir(parents=True, exist_ok=True)
-      shutil.copy2(REPO / name, clone / name)
-  return clone
-
-
 def _run(clone: pathlib.Path, command: str) -> subprocess.CompletedProcess:
   env = {key: value for key, value in os.environ.items()
          if key not in ("XLA_FLAGS", "PYTHONPATH", "GOOGLE_APPLICATION_CREDENTIALS",
@@ -113,8 +100,8 @@ def _run(clone: pathlib.Path, command: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_readme_commands_run_on_a_fresh_copy(tmp_path):
-  clone = _fresh_copy(tmp_path)
+def test_the_readme_commands_run_on_a_fresh_copy(fresh_copy):
+  clone = fresh_copy
   for command, how in README.items():
     if how is None:
       continue
@@ -129,8 +116,8 @@ def test_the_readme_commands_run_on_a_fresh_copy(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_benchmarks_run_as_documented(tmp_path):
-  clone = _fresh_copy(tmp_path)
+def test_the_benchmarks_run_as_documented(fresh_copy):
+  clone = fresh_copy
   for command, extra in BENCHMARKS.items():
     result = _run(clone, command + extra)
     assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])

@@ -24,24 +24,11 @@ import zipfile
 import numpy as np
 
 from arcjax import errors
+from arcjax.data import staging
 from arcjax.data.folders import IMAGE_SUFFIXES, ImageFolderSource, decode_image
 from arcjax.data.sources import ArraySource
 
 EMBEDDED = pathlib.Path(__file__).resolve().parent / "omniglot"
-CHECKSUMS = "SHA256SUMS"
-
-
-def _read_checksums(directory: pathlib.Path) -> dict[str, str]:
-  """{file name: sha256 hex} of `directory/SHA256SUMS` (sha256sum's format); {} if absent."""
-  path = directory / CHECKSUMS
-  if not path.is_file():
-    return {}
-  sums = {}
-  for line in path.read_text().splitlines():
-    digest, _, name = line.strip().partition("  ")
-    if name:
-      sums[name.lstrip("*")] = digest.lower()
-  return sums
 
 
 def verify_checksum(path: pathlib.Path, expected: str) -> None:
@@ -49,7 +36,7 @@ def verify_checksum(path: pathlib.Path, expected: str) -> None:
   digest = hashlib.sha256(path.read_bytes()).hexdigest()
   if digest != expected:
     raise errors.DataError(f"{path}: SHA-256 {digest} does not match {expected} in "
-                           f"{path.parent / CHECKSUMS}: the file is damaged or another one")
+                           f"{path.parent / staging.CHECKSUMS}: the file is damaged or another one")
 
 
 def _zip_images(path: pathlib.Path) -> dict[str, list[tuple[str, bytes]]]:
@@ -72,7 +59,7 @@ def _zips_of(path: pathlib.Path) -> list[pathlib.Path]:
   """The Omniglot zips that `path` names (a zip, or a folder of zips), checksums verified."""
   zips = [path] if path.is_file() else sorted(path.glob("*.zip"))
   for zip_path in zips:
-    expected = _read_checksums(zip_path.parent).get(zip_path.name)
+    expected = staging.read_checksums(zip_path.parent).get(zip_path.name)
     if expected is not None:
       verify_checksum(zip_path, expected)
   return zips
@@ -107,9 +94,9 @@ def load(path: str | os.PathLike | None = None) -> ArraySource:
   if not path.exists():
     raise errors.DataError(f"Omniglot not found at {path}")
   if path == EMBEDDED:
-    sums = _read_checksums(EMBEDDED)
+    sums = staging.read_checksums(EMBEDDED)
     if len(sums) != 2:
-      raise errors.DataError(f"{EMBEDDED / CHECKSUMS} must list the two embedded zips")
+      raise errors.DataError(f"{EMBEDDED / staging.CHECKSUMS} must list the two embedded zips")
   zips = _zips_of(path)
   if zips:
     names, encoded = _from_zips(zips)

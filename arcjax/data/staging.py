@@ -26,8 +26,9 @@ CHECKSUMS = "SHA256SUMS"
 _BLOCK = 1 << 22
 
 
-def _checksums(folder: epath.Path) -> dict[str, str]:
-  path = folder / CHECKSUMS
+def read_checksums(folder: str | os.PathLike) -> dict[str, str]:
+  """{file name: SHA-256 hex} of `folder`/SHA256SUMS (sha256sum's format); {} without one."""
+  path = epath.Path(folder) / CHECKSUMS
   if not path.exists():
     return {}
   sums = {}
@@ -95,7 +96,7 @@ def stage(source: str | os.PathLike, stage_dir: str | os.PathLike) -> pathlib.Pa
   elif local.exists() and any(local.iterdir()):
     raise errors.DataError(f"data.stage_dir {local} is not empty and holds no arcjax copy: "
                            "use an empty or new folder")
-  expected = _checksums(folder)
+  expected = read_checksums(folder)
   total = sum((folder / name).stat().length for name in names)
   files = {}
   with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"staging {folder}") as bar:
