@@ -44,6 +44,11 @@ from arcjax.data.recordio import RecordIOSource
 from benchmarks.recordio_throughput import write_synthetic
 
 Batch = dict[str, np.ndarray]
+# pipeline.batches' own pieces: what a grain pipeline must reproduce, bit for bit.
+# pylint: disable=protected-access
+_UniformSampler, _flips, _fill = pipeline._UniformSampler, pipeline._flips, pipeline._fill
+_check_labels, _example_shape = pipeline._check_labels, pipeline._example_shape
+# pylint: enable=protected-access
 
 
 class StepPlan:
@@ -59,7 +64,7 @@ class StepPlan:
 
   def _init(self) -> None:
     # The sampler caches one epoch's permutation: grain calls it from several threads.
-    self._sampler = pipeline._UniformSampler(*self._args)  # pylint: disable=protected-access
+    self._sampler = _UniformSampler(*self._args)
     self._lock = threading.Lock()
 
   def __getstate__(self) -> dict:  # a lock cannot be pickled for grain's worker processes
@@ -75,7 +80,7 @@ class StepPlan:
   def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     with self._lock:
       indices = self._sampler(step)[self._lo:self._hi].copy()
-    flips = pipeline._flips(self._seed, step, self._batch)[self._lo:self._hi]  # pylint: disable=protected-access
+    flips = _flips(self._seed, step, self._batch)[self._lo:self._hi]
     return indices, flips
 
 
@@ -84,14 +89,14 @@ class BatchOfStep:
 
   def __init__(self, source: RecordIOSource, plan: StepPlan):
     self._source, self._plan = source, plan
-    self._shape = pipeline._example_shape(source, None)  # pylint: disable=protected-access
+    self._shape = _example_shape(source, None)
 
   def __call__(self, step: int) -> Batch:
     indices, flips = self._plan(int(step))
     images = np.empty((len(indices), *self._shape), np.uint8)
     labels = np.empty((len(indices),), np.int64)
-    pipeline._fill(self._source, indices, flips, None, images, labels, range(len(indices)))  # pylint: disable=protected-access
-    pipeline._check_labels(indices, labels, self._source.num_classes)  # pylint: disable=protected-access
+    _fill(self._source, indices, flips, None, images, labels, range(len(indices)))
+    _check_labels(indices, labels, self._source.num_classes)
     return {"image": images, "label": labels.astype(np.int32)}
 
 
@@ -136,7 +141,8 @@ def grain_elements(source: RecordIOSource, batch: int, seed: int, num_steps: int
   """Today's batches from a grain MapDataset over positions, decoded per image, batched after."""
   plan = StepPlan(len(source), batch, seed)
   ds = grain.MapDataset.range(num_steps * batch).map(ExampleOfPosition(source, plan))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer_batches * batch))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=buffer_batches * batch))
   return iter(ds.batch(batch, drop_remainder=True))
 
 
@@ -144,7 +150,8 @@ def grain_native(source: RecordIOSource, batch: int, seed: int, *, threads: int 
                  buffer_batches: int = 2) -> Iterator[Batch]:
   """grain's own deterministic order: index_shuffle per epoch, Philox flips per position."""
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().random_map(_flip)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer_batches * batch))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=buffer_batches * batch))
   return iter(ds.batch(batch, drop_remainder=True))
 
 
@@ -217,10 +224,11 @@ def today_resumes(source: RecordIOSource, batch: int, seed: int, t: int) -> bool
 def pipelines(source: RecordIOSource, batch: int, seed: int) -> dict[str, Callable[[int], Iterator[Batch]]]:
   """The measured pipelines by name, each `num_steps → a fresh iterator`; (a) first."""
   return {
-      "`pipeline.batches`, 2 threads": lambda n: today(source, batch, seed),
+      "(a) `pipeline.batches`, 2 threads": lambda n: today(source, batch, seed),
       "grain steps, 2 threads": lambda n: grain_steps(source, batch, seed, n),
       "grain elements, 2 threads": lambda n: grain_elements(source, batch, seed, n),
-      "grain steps, 2 processes × 1 thread": lambda n: grain_steps(source, batch, seed, n, threads=1, workers=2),
+      "grain steps, 2 processes × 1 thread":
+          lambda n: grain_steps(source, batch, seed, n, threads=1, workers=2),
       "grain native, 2 threads": lambda n: grain_native(source, batch, seed),
   }
 
@@ -275,7 +283,8 @@ def table(times: dict[str, list[tuple[float, float, float]]], checks: dict[str, 
     steady = statistics.median(batch * (steps - skip) / (end - after) for _, after, end in passes)
     first = statistics.median(first for first, _, _ in passes)
     base = base or (whole, steady)
-    rows.append((name, f"{whole:,.0f}", f"{whole / base[0]:.3f}", f"{steady:,.0f}", f"{steady / base[1]:.3f}",
+    rows.append((name, f"{whole:,.0f}", f"{whole / base[0]:.3f}",
+                 f"{steady:,.0f}", f"{steady / base[1]:.3f}",
                  f"{first * 1e3:,.0f}", *(_yes(flag) for flag in checks[name])))
   return _markdown(rows, ("pipeline", "images/s", "of (a)", f"images/s after {skip} batches", "of (a)",
                           "1st batch ms", "batches = today's", "resume = batch t"))

@@ -19,5 +19,5 @@ def test_input_pipeline_smoke_prints_its_table():
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert any(line.startswith("| pipeline | images/s | of (a) |") for line in lines), result.stdout
-  rows = [line for line in lines if line.startswith(("| `pipeline.batches`", "| grain"))]
+  rows = [line for line in lines if line.startswith(("| (a) `pipeline.batches`", "| grain"))]
   assert len(rows) == 5, result.stdout
