@@ -46,6 +46,17 @@ def _jpegs(count: int, seed: int) -> list[bytes]:
   return out
 
 
+def write_synthetic(prefix: pathlib.Path, images: int, identities: int) -> float:
+  """Writes `images` synthetic JPEGs (512 distinct ones, cycled) of `identities` sorted labels to
+  `prefix`.rec/.idx (and `property`); returns the seconds the write took."""
+  distinct = _jpegs(min(512, images), seed=0)
+  labels = np.sort(np.arange(images) % identities)
+  start = time.perf_counter()
+  write_recordio(prefix, ((distinct[i % len(distinct)], int(labels[i])) for i in range(images)),
+                 (_SIZE, _SIZE))
+  return time.perf_counter() - start
+
+
 def _raw(source: RecordIOSource, indices: np.ndarray) -> None:
   for batch in indices:
     for i in batch:
@@ -82,14 +93,9 @@ def main():
     args.images, args.identities, args.batch, args.batches, args.threads, args.repeats = (
         256, 16, 32, 4, [2], 1)
 
-  distinct = _jpegs(min(512, args.images), seed=0)
-  labels = np.sort(np.arange(args.images) % args.identities)
   with tempfile.TemporaryDirectory() as tmp:
     prefix = pathlib.Path(tmp) / "train"
-    start = time.perf_counter()
-    write_recordio(prefix, ((distinct[i % len(distinct)], int(labels[i])) for i in range(args.images)),
-                   (_SIZE, _SIZE))
-    write_s = time.perf_counter() - start
+    write_s = write_synthetic(prefix, args.images, args.identities)
     start = time.perf_counter()
     source = RecordIOSource(prefix)
     open_s = time.perf_counter() - start
