@@ -119,23 +119,6 @@ def _parse(arg: str | None, name: str) -> tuple[str, dict[str, object]]:
   return head, options
 
 
-def _cpu_setting(config: ml_collections.ConfigDict) -> None:
-  """Tiny CNN, the embedded Omniglot characters at 32×32, 1 500 steps of 128: minutes on 2 cores."""
-  config.model.name = "tiny_cnn"
-  config.model.embedding_dim = 128
-  config.data.name = "omniglot"
-  config.data.path = ""
-  config.data.image_size = (32, 32)
-  config.data.num_holdout_identities = 42
-  config.data.flip = False  # a mirrored character is another character
-  config.eval.flip = False
-  config.train.steps = 1500
-  config.train.batch_size = 128
-  config.train.schedule = "poly"
-  config.train.checkpoint_every = 500
-  config.eval.every = 500
-
-
 def _paper_setting(config: ml_collections.ConfigDict) -> None:
   """The paper's Table 2 training: IResNet-50 (LResNet50E-IR) on CASIA-WebFace."""
   config.model.name = "iresnet50"
@@ -163,9 +146,10 @@ def get_config(arg: str | None = "arcface") -> ml_collections.ConfigDict:
   if row not in ROWS:
     raise ValueError(f"unknown row {row!r} of configs/ablations.py; known: {', '.join(ROWS)}")
   preset, weights = ROWS[row]
-  config = default.get_config()
-  config.loss = losses.loss_config(preset, **weights)
-  {"cpu": _cpu_setting, "paper": _paper_setting}[options.get("setting", "cpu")](config)
+  config = default.get_config()  # the 'cpu' setting: the default run's model, data, schedule
+  config.loss = losses.loss_config(preset, **weights)  # the row's loss, as the paper's (no warm-up)
+  if options.get("setting") == "paper":
+    _paper_setting(config)
   for key, value in options.items():
     if _OPTIONS[key][3] is not None:
       section, field = _OPTIONS[key][3]

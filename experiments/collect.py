@@ -389,8 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
   parser.add_argument("--reference", help="the row the others are compared with (default "
                                           f"{DEFAULT_REFERENCE} when present)")
-  parser.add_argument("--rows", help="comma-separated rows to show, in this order (default: "
-                                     "every row under the root)")
+  parser.add_argument("--rows", nargs="+", help="the rows to show, in this order (default: "
+                                                "every row under the root)")
   parser.add_argument("--out", help="write the table to this file instead of stdout")
   parser.add_argument("--traceback", action="store_true",
                       help="show the traceback of an error instead of one line")
@@ -399,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = collect(args.root)
     rows = {run["row"] for run in runs}
     if args.rows:
-      wanted = args.rows.split(",")
+      wanted = args.rows
       missing = [row for row in wanted if row not in rows]
       if missing:
         raise errors.ConfigError(f"--rows {', '.join(missing)}: not rows of {args.root} "

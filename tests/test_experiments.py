@@ -758,12 +758,12 @@ def test_collect_command_line(runs_root, seeded_root, tmp_path, capsys):
 
 
 def test_collect_shows_the_rows_asked_for_in_their_order(seeded_root, capsys):
-  assert collect_lib.main([str(seeded_root), "--rows", "triplet,norm_softmax"]) == 0
+  assert collect_lib.main([str(seeded_root), "--rows", "triplet", "norm_softmax"]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert [line.split("|")[1].strip() for line in lines[2:4]] == ["triplet", "norm_softmax"]
   assert not any(line.startswith("| arcface") for line in lines)
   with pytest.raises(SystemExit):
-    collect_lib.main([str(seeded_root), "--rows", "arcface,nosuch"])
+    collect_lib.main([str(seeded_root), "--rows", "arcface", "nosuch"])
   assert "error: --rows nosuch: not rows of" in capsys.readouterr().err
 
 

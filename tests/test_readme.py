@@ -121,3 +121,4 @@ def test_the_benchmarks_run_as_documented(fresh_copy):
   for command, extra in BENCHMARKS.items():
     result = _run(clone, command + extra)
     assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
+    assert "|---|" in result.stdout, (command, result.stdout[-2000:])  # its table
