@@ -6,7 +6,6 @@ scatter), never on the whole `B×C` matrix.
 """
 
 import dataclasses
-import functools
 import math
 from typing import Callable, Literal
 
@@ -196,8 +195,19 @@ def combined_margin(cos_theta: jax.Array, labels: jax.Array, m1: float = 1.0,
   cos_theta = cos_theta.astype(jnp.float32)
   if (m1, m2, m3) == (1.0, 0.0, 0.0):
     return cos_theta
-  return _replace_target(cos_theta, labels, float(m1), float(m2), float(m3),
-                         gradient == "straight_through")
+  return apply_margin(cos_theta, labels, make_margin(m1, m2, m3, gradient=gradient))
+
+
+def apply_margin(cos_theta: jax.Array, labels: jax.Array, margin: MarginFn) -> jax.Array:
+  """(B, C) cosines with each row's target column replaced by `margin`'s logit, float32.
+
+  The margin runs on the B target cosines only (a gather); the backward is one
+  elementwise pass over (B, C), d cos = where(target, g · slope, g).
+  """
+  cos_theta = cos_theta.astype(jnp.float32)
+  cos_y = jax.lax.stop_gradient(cos_theta[jnp.arange(labels.shape[0]), labels])
+  logit_y, slope = jax.lax.stop_gradient(margin(cos_y))
+  return _replace_target(cos_theta, labels, logit_y, slope)
 
 
 def _is_target(labels: jax.Array, num_classes: int) -> jax.Array:
@@ -205,25 +215,22 @@ def _is_target(labels: jax.Array, num_classes: int) -> jax.Array:
 
 
 # A custom VJP keeps the backward one fused elementwise pass over (B, C),
-#   d cos_theta = where(target, g · ψ'(cos_y), g),
+#   d cos_theta = where(target, g · slope, g),
 # where autodiff of gather + select would add two more passes and a scatter.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _replace_target(cos_theta, labels, m1, m2, m3, straight_through):
-  return _replace_target_fwd(cos_theta, labels, m1, m2, m3, straight_through)[0]
+@jax.custom_vjp
+def _replace_target(cos_theta, labels, logit_y, slope):
+  del slope
+  return jnp.where(_is_target(labels, cos_theta.shape[1]), logit_y[:, None], cos_theta)
 
 
-def _replace_target_fwd(cos_theta, labels, m1, m2, m3, straight_through):
-  cos_y = cos_theta[jnp.arange(labels.shape[0]), labels]  # a gather: its backward is ours
-  logit_y, slope = logit_and_slope(
-      cos_y, m1, m2, m3, gradient="straight_through" if straight_through else "exact")
-  out = jnp.where(_is_target(labels, cos_theta.shape[1]), logit_y[:, None], cos_theta)
-  return out, (labels, slope)
+def _replace_target_fwd(cos_theta, labels, logit_y, slope):
+  return _replace_target(cos_theta, labels, logit_y, slope), (labels, slope)
 
 
-def _replace_target_bwd(m1, m2, m3, straight_through, residuals, g):
-  del m1, m2, m3, straight_through
+def _replace_target_bwd(residuals, g):
   labels, slope = residuals
-  return jnp.where(_is_target(labels, g.shape[1]), g * slope[:, None], g), None
+  return (jnp.where(_is_target(labels, g.shape[1]), g * slope[:, None], g), None,
+          jnp.zeros_like(slope), jnp.zeros_like(slope))
 
 
 _replace_target.defvjp(_replace_target_fwd, _replace_target_bwd)
