@@ -229,7 +229,9 @@ def record_config(directory: epath.Path, config: Any, *, allow_changes: bool = F
         f"{directory} holds a run trained with another config: {describe_changes(trained)}; "
         "run with --allow_config_change to continue it with the new values (recorded in "
         f"{CONFIG_HISTORY}), or use a new workdir")
-  entry = {"time": _now(), "changes": [c._asdict() for c in changes],
+  entry = {"time": _now(), "changes": [{"field": c.field, "stored": c.stored,
+                                         "requested": c.requested, "free": c.free}
+                                        for c in changes],
            "allowed_by_flag": bool(trained and has_checkpoint(directory))}
   history = directory / CONFIG_HISTORY
   previous = history.read_text() if history.exists() else ""
