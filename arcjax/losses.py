@@ -18,10 +18,6 @@ from arcjax import errors
 from arcjax import head as head_lib
 from arcjax import margins
 
-# loss_fn(embeddings (B, d), head, labels (B,), key, strength) -> (loss, aux); `key` is the
-# step's PRNG key (Partial-FC sampling draws from it), `strength` the margin's (warm-up).
-LossFn = Callable[[jax.Array, dict, jax.Array, jax.Array | None, jax.Array],
-                  tuple[jax.Array, dict]]
 INTER_FORMS = ("angle", "cosine")
 l2_normalize = head_lib.l2_normalize
 
@@ -208,7 +204,8 @@ def check_config(config: Any) -> None:
 
 
 class CompositeLoss(NamedTuple):
-  """A weighted sum of loss terms; called as a `LossFn`.
+  """A weighted sum of loss terms: loss_fn(embeddings (B, d), head, labels (B,), key=None,
+  strength=1.0) -> (loss, aux).
 
   terms(embeddings, head, labels, key, strength) -> ({name: unweighted value}, theta_y (B,));
   weights: {name: weight} of the active terms.

@@ -33,8 +33,8 @@ from arcjax.data.sources import Source, Subset, open_set_split
 DATA_NAMES = ("omniglot", "fashion_mnist", "digits", "folder", "recordio")
 DATA_ROOT_ENV = "ARCJAX_DATA"
 REPOSITORY_DATA = pathlib.Path(__file__).resolve().parents[2] / "data"
-# Verification sets a .bin's images are decoded from; the paper's three come with CASIA.
-BIN_SUFFIX, LABELS_SUFFIX = ".bin", ".labels.npy"
+# Verification pair files (insightface's); the paper's three come with CASIA-WebFace.
+BIN_SUFFIX = ".bin"
 
 
 class PairSet(NamedTuple):
