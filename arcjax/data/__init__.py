@@ -25,9 +25,11 @@ import os
 import pathlib
 from typing import Any, NamedTuple
 
+from etils import epath
 import numpy as np
 
 from arcjax import errors
+from arcjax import workdir
 from arcjax.data.sources import Source, Subset, open_set_split
 
 DATA_NAMES = ("omniglot", "fashion_mnist", "digits", "folder", "recordio")
@@ -143,19 +145,20 @@ def _source(data_config: Any) -> tuple[Source, pathlib.Path | None]:
   return RecordIOSource(path), recordio_paths(path)[0].parent
 
 
-def _bin_paths(data_config: Any, data_dir: pathlib.Path | None) -> list[pathlib.Path]:
-  """The verification .bin files: `data.eval_bins` (names beside the data, or paths), else
-  every .bin beside a train.rec."""
+def _bin_paths(data_config: Any, data_dir: pathlib.Path | None) -> list[epath.Path]:
+  """The verification .bin files: `data.eval_bins` (names beside the data, or paths: local or
+  in a bucket, each read whole once), else every .bin beside a train.rec."""
   names = list(data_config.get("eval_bins") or ())
   if not names:
-    return sorted(data_dir.glob("*" + BIN_SUFFIX)) if data_dir is not None else []
+    return [epath.Path(p) for p in sorted(data_dir.glob("*" + BIN_SUFFIX))] if data_dir else []
   paths = []
   for name in names:
     bare = "/" not in name and not name.endswith(BIN_SUFFIX)
     if bare and data_dir is None:
       raise errors.ConfigError(f"config.data.eval_bins names {name!r}, but only a train.rec "
                                "has .bin files beside it; give a path")
-    path = data_dir / (name + BIN_SUFFIX) if bare else pathlib.Path(resolve(name))
+    path = (epath.Path(data_dir / (name + BIN_SUFFIX)) if bare
+            else workdir.as_path(resolve(name), "verification file"))
     if not path.is_file():
       raise errors.DataError(f"verification file {path} (config.data.eval_bins) does not exist")
     paths.append(path)
