@@ -97,20 +97,21 @@ def main():
   print(f"devices: {len(devices)} × {devices[0].device_kind} ({jax.default_backend()}); "
         f"{args.batch_per_device} images per device; {args.classes} classes; "
         f"median of {args.repeats} × {args.steps} warm steps")
-  header = (f"{'model':<11} {'input':>11} {'dtype':<9} {'batch':>5} {'images/s':>10} "
-            f"{'GFLOP/image':>11} {'TFLOP/s':>8} {'compile s':>9}")
+  columns = ["model", "input", "dtype", "batch", "images/s", "GFLOP/image", "TFLOP/s", "compile s"]
   if args.peak_tflops:
-    header += f" {'MFU':>6}"
-  print(header)
+    columns.append("MFU")
+  print("| " + " | ".join(columns) + " |")
+  print("|" + "---|" * len(columns))
   for name in args.models:
     for dtype in args.dtypes:
       r = benchmark(name, dtype, args.batch_per_device, args.classes, args.repeats, args.steps)
       achieved = r["flops_per_image"] * r["images_per_s"] / 1e12
-      line = (f"{name:<11} {'×'.join(map(str, r['shape'])):>11} {dtype:<9} {r['batch']:>5} "
-              f"{r['images_per_s']:>10.1f} {r['flops_per_image'] / 1e9:>11.3f} "
-              f"{achieved:>8.3f} {r['compile_s']:>9.1f}")
+      cells = [name, "×".join(map(str, r["shape"])), dtype, str(r["batch"]),
+               f"{r['images_per_s']:.1f}", f"{r['flops_per_image'] / 1e9:.3f}",
+               f"{achieved:.3f}", f"{r['compile_s']:.1f}"]
       if args.peak_tflops:
-        line += f" {achieved / (args.peak_tflops * len(devices)):>6.1%}"
+        cells.append(f"{achieved / (args.peak_tflops * len(devices)):.1%}")
+      line = "| " + " | ".join(cells) + " |"
       print(line, flush=True)
 
 
