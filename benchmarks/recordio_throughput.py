@@ -130,8 +130,10 @@ def main():
   count = args.batches * args.batch
   rates = {name: count / statistics.median(t) for name, t in times.items()}
   print(f"batches of {args.batch}, {args.batches} batches per pass, median of {args.repeats}")
+  print("| reader | images/s | of raw |")
+  print("|---|---|---|")
   for name, rate in rates.items():
-    print(f"  {name:12s} {rate:12,.0f} images/s   {rate / rates['raw']:.4f} of raw")
+    print(f"| {name} | {rate:,.0f} | {rate / rates['raw']:.4f} |")
 
 
 if __name__ == "__main__":
