@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 from etils import epath
 
@@ -154,7 +154,8 @@ def write_json(path: epath.Path, value: Any) -> None:
 # --- Config provenance -------------------------------------------------------------
 
 
-class Change(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Change:
   """One config field that differs: `free` if it does not change the trained parameters."""
   field: str
   stored: Any
@@ -229,9 +230,7 @@ def record_config(directory: epath.Path, config: Any, *, allow_changes: bool = F
         f"{directory} holds a run trained with another config: {describe_changes(trained)}; "
         "run with --allow_config_change to continue it with the new values (recorded in "
         f"{CONFIG_HISTORY}), or use a new workdir")
-  entry = {"time": _now(), "changes": [{"field": c.field, "stored": c.stored,
-                                         "requested": c.requested, "free": c.free}
-                                        for c in changes],
+  entry = {"time": _now(), "changes": [dataclasses.asdict(c) for c in changes],
            "allowed_by_flag": bool(trained and has_checkpoint(directory))}
   history = directory / CONFIG_HISTORY
   previous = history.read_text() if history.exists() else ""
