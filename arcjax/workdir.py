@@ -360,7 +360,7 @@ class RunLock:
     return time.time() - holder.get("heartbeat", 0.0) > self._stale_after_s
 
   def _write_remote(self) -> None:
-    self.path.write_text(json.dumps({**self._owner, "heartbeat": time.time()}) + "\n")
+    write_text(self.path, json.dumps({**self._owner, "heartbeat": time.time()}) + "\n")
 
   def _acquire_remote(self) -> None:
     holder = self._read_remote()

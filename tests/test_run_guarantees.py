@@ -112,9 +112,11 @@ def test_sigkill_and_sigint_then_resume_are_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_a_busy_workdir_is_refused_and_a_dead_holder_s_lock_taken_over(tmp_path):
-  first = _start(tmp_path, 400, "--config.train.checkpoint_every=200")
-  _wait_for(lambda: str(first.pid) in (tmp_path / "lock").read_text()
-            if (tmp_path / "lock").exists() else False, first, "lock")
+  # Long enough never to finish nor checkpoint before it is killed below.
+  first = _start(tmp_path, 100_000, "--config.train.checkpoint_every=100000")
+  # The holder takes the lock, then writes config.json (atomically): wait for both.
+  _wait_for(lambda: (tmp_path / "config.json").exists()
+            and str(first.pid) in (tmp_path / "lock").read_text(), first, "lock and config")
   config_before = (tmp_path / "config.json").read_bytes()
   second = _start(tmp_path, 400, "--config.train.lr=0.5")
   _, err = _finish(second, 1)
