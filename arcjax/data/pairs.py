@@ -36,9 +36,9 @@ import numpy as np
 from arcjax import errors
 from arcjax.data.recordio import writing_new
 
-# The modules a verification pickle's arrays come from: NumPy 2 writes its `_core`
-# package, NumPy 1 and Python 2-era files `core`.
-_NUMPY_MODULES = tuple(f"numpy.{package}.multiarray" for package in ("core", "_core"))
+# The modules a verification pickle's arrays come from (names in the file, not imports):
+# NumPy 2 writes `numpy._core`, NumPy 1 and Python 2-era files `numpy.core`.
+_NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
 _NUMPY_CLASSES = frozenset((("numpy", "ndarray"), ("numpy", "dtype")))
 
 
