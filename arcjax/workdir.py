@@ -138,7 +138,7 @@ def write_text(path: epath.Path, text: str) -> None:
   if is_remote(path):
     path.write_text(text)
     return
-  tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+  tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write(text)
     f.flush()
@@ -287,11 +287,16 @@ class RunLock:
   the file every `heartbeat_s` seconds, and a lock not rewritten for
   `stale_after_s` (or held by a dead process on this host) is stale. The file
   names the holder (host, pid, start time) for the refusal message.
+
+  `heartbeat` chooses the heartbeat lock; None (the default) takes it for cloud
+  workdirs only. A network file system whose `flock` is not shared between
+  hosts wants it too.
   """
 
-  def __init__(self, directory: epath.Path, *, heartbeat_s: float = 20.0,
-               stale_after_s: float = 90.0):
+  def __init__(self, directory: epath.Path, *, heartbeat: bool | None = None,
+               heartbeat_s: float = 20.0, stale_after_s: float = 90.0):
     self.path = directory / LOCK
+    self._heartbeat = is_remote(self.path) if heartbeat is None else heartbeat
     self._heartbeat_s, self._stale_after_s = heartbeat_s, stale_after_s
     self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "since": _now(),
                    "id": uuid.uuid4().hex}
@@ -321,7 +326,7 @@ class RunLock:
   def acquire(self) -> "RunLock":
     """Takes the lock or raises WorkdirError naming its holder."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    if is_remote(self.path):
+    if self._heartbeat:
       self._acquire_remote()
     else:
       self._acquire_local()

@@ -106,14 +106,13 @@ def test_bucket_data_is_staged_once_and_checked(gcs, tmp_path):
   assert "error: staging gs://bucket/faces/train.idx: SHA-256 of the copy" in bad.stderr
 
 
-def test_the_heartbeat_lock_where_there_is_no_flock(tmp_path, monkeypatch, capsys):
+def test_the_heartbeat_lock_where_there_is_no_flock(tmp_path, capsys):
   """The cloud lock, exercised on a local folder: held, refused, released, stale, taken over."""
-  monkeypatch.setattr(workdir, "is_remote", lambda path: True)
   directory = workdir.as_path(tmp_path)
-  first = workdir.RunLock(directory, heartbeat_s=0.05).acquire()
+  first = workdir.RunLock(directory, heartbeat=True, heartbeat_s=0.05).acquire()
   holder = json.loads((tmp_path / "lock").read_text())
   with pytest.raises(errors.WorkdirError, match=f"in use by pid {holder['pid']}"):
-    workdir.RunLock(directory, heartbeat_s=0.05).acquire()
+    workdir.RunLock(directory, heartbeat=True, heartbeat_s=0.05).acquire()
   beat = holder["heartbeat"]
   deadline = time.monotonic() + 60
   while json.loads((tmp_path / "lock").read_text())["heartbeat"] == beat:
@@ -124,11 +123,11 @@ def test_the_heartbeat_lock_where_there_is_no_flock(tmp_path, monkeypatch, capsy
   # A lock of another host whose heartbeat is older than stale_after_s is taken over.
   (tmp_path / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then",
                                              "id": "x", "heartbeat": time.time() - 1000}))
-  second = workdir.RunLock(directory, heartbeat_s=0.05, stale_after_s=90).acquire()
+  second = workdir.RunLock(directory, heartbeat=True, heartbeat_s=0.05, stale_after_s=90).acquire()
   assert "taking over the stale lock" in capsys.readouterr().out
   second.release()
   # Its heartbeat fresh, it is refused.
   (tmp_path / "lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then",
                                              "id": "x", "heartbeat": time.time()}))
   with pytest.raises(errors.WorkdirError, match="pid 1 on host elsewhere"):
-    workdir.RunLock(directory, heartbeat_s=0.05).acquire()
+    workdir.RunLock(directory, heartbeat=True, heartbeat_s=0.05).acquire()
