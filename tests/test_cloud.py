@@ -114,7 +114,7 @@ def test_the_heartbeat_lock_where_there_is_no_flock(tmp_path, capsys):
   with pytest.raises(errors.WorkdirError, match=f"in use by pid {holder['pid']}"):
     workdir.RunLock(directory, heartbeat=True, heartbeat_s=0.05).acquire()
   beat = holder["heartbeat"]
-  deadline = time.monotonic() + 60
+  deadline = time.monotonic() + PATIENCE
   while json.loads((tmp_path / "lock").read_text())["heartbeat"] == beat:
     assert time.monotonic() < deadline, "the holder never renewed its heartbeat"
     time.sleep(0.05)

@@ -19,7 +19,7 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEADLINE_S = 120.0
+DEADLINE_S = 600.0  # seconds: a hang guard for a slow, shared CI machine, not a speed assertion
 
 GRID = textwrap.dedent("""\
     import ml_collections
