@@ -327,12 +327,12 @@ class RunLock:
     """Takes the lock or raises WorkdirError naming its holder."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
     if self._heartbeat:
-      self._acquire_remote()
+      self._acquire_heartbeat()
     else:
-      self._acquire_local()
+      self._acquire_flock()
     return self
 
-  def _acquire_local(self) -> None:
+  def _acquire_flock(self) -> None:
     import fcntl  # pylint: disable=import-outside-toplevel
     file = open(self.path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
     try:
@@ -350,7 +350,7 @@ class RunLock:
     file.flush()
     self._file = file
 
-  def _read_remote(self) -> dict[str, Any]:
+  def _read_holder(self) -> dict[str, Any]:
     try:
       return self._holder(self.path.read_text())
     except FileNotFoundError:
@@ -364,25 +364,26 @@ class RunLock:
         return True
     return time.time() - holder.get("heartbeat", 0.0) > self._stale_after_s
 
-  def _write_remote(self) -> None:
+  def _write_heartbeat(self) -> None:
     write_text(self.path, json.dumps({**self._owner, "heartbeat": time.time()}) + "\n")
 
-  def _acquire_remote(self) -> None:
-    holder = self._read_remote()
+  def _acquire_heartbeat(self) -> None:
+    holder = self._read_holder()
     if not self._stale(holder):
       raise self._refuse(holder)
     self._note_takeover(holder)
-    self._write_remote()
+    self._write_heartbeat()
     time.sleep(min(1.0, self._heartbeat_s))  # a racing writer shows up in the re-read
-    if self._read_remote().get("id") != self._owner["id"]:
-      raise self._refuse(self._read_remote())
+    holder = self._read_holder()
+    if holder.get("id") != self._owner["id"]:
+      raise self._refuse(holder)
     self._thread = threading.Thread(target=self._beat, name="arcjax-lock", daemon=True)
     self._thread.start()
 
   def _beat(self) -> None:
     while not self._stop.wait(self._heartbeat_s):
       with contextlib.suppress(OSError):
-        self._write_remote()
+        self._write_heartbeat()
 
   def release(self) -> None:
     """Gives the lock up (a no-op if not held)."""
@@ -394,7 +395,7 @@ class RunLock:
       self._thread.join()
       self._thread = None
       with contextlib.suppress(OSError):
-        if self._read_remote().get("id") == self._owner["id"]:
+        if self._read_holder().get("id") == self._owner["id"]:
           self.path.unlink()
 
 
