@@ -23,11 +23,11 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from arcjax import config_file
 from arcjax import errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
+_CONFIG = config_file.define_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (local or gs://).")
 _ALLOW_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
@@ -43,29 +43,12 @@ _AUTO = flags.DEFINE_bool("distributed_auto", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _flag_error(error: Exception) -> str:
-  """One line for a flag or config-file error (ml_collections nests and multi-lines them)."""
-  while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(...))
-    error = error.args[0]
-  text = str(error.args[0] if error.args else error)
-  if isinstance(error, (AttributeError, KeyError)):  # --config.no.such.key, with "Did you mean"
-    return "unknown config key " + text.replace("\n", "; ")
-  if "No such file or directory" in text:
-    return f"cannot read the config file: {text.split(']')[-1].strip() or text}"
-  lines = [line.strip() for line in text.splitlines() if line.strip()]
-  if "Error whilst parsing config file" in text:  # get_config raised: keep its own words
-    return f"{lines[0].split(': Error')[0]}: {lines[-1]}"
-  return " ".join(lines)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, every flag or config-file error reported as one line."""
   try:
-    argv = flags.FLAGS(argv)
-    _CONFIG.value.keys()  # a config file that failed to load raises here, not when parsed
-  except (flags.Error, AttributeError, KeyError, OSError, ValueError, TypeError) as error:
-    sys.exit(f"error: {_flag_error(error)}")
-  return argv
+    return config_file.parse_flags(argv)
+  except errors.ConfigError as error:
+    sys.exit(f"error: {error}")
 
 
 def main(argv: list[str]) -> None:
