@@ -70,6 +70,12 @@ def is_remote(path: str | os.PathLike) -> bool:
   return os.fspath(path).startswith(_REMOTE_SCHEMES)
 
 
+def holds_run(folder: str | os.PathLike) -> bool:
+  """Whether `folder` (local or gs://…) is a run's workdir: it holds one of RUN_FILES."""
+  folder = epath.Path(folder)
+  return any((folder / name).exists() for name in RUN_FILES)
+
+
 def _gcs_credentials_hint() -> str | None:
   """Why gs:// cannot work on this machine, found without any network traffic; None if it may."""
   try:

@@ -32,7 +32,7 @@ from etils import epath
 
 from arcjax import errors
 from arcjax import workdir
-from experiments import launch
+from experiments import plan
 
 # (key in angle_stats, column title), in the paper's order.
 ANGLE_COLUMNS = (("w_ec_deg", "W-EC"), ("w_inter_deg", "W-Inter"),
@@ -107,7 +107,7 @@ def _last_step(metrics_path: epath.Path) -> int | None:
 
 def _read_run(run_dir: epath.Path, row: str, seed: int | None) -> dict[str, Any]:
   """One entry of `collect` (see there)."""
-  name = row if seed is None else f"{row}/{launch.seed_folder(seed)}"
+  name = row if seed is None else f"{row}/{plan.seed_folder(seed)}"
   config_path = run_dir / workdir.CONFIG
   config = workdir.read_json(config_path) if config_path.exists() else None
   run = {"name": name, "row": row, "seed": seed, "path": str(run_dir), "config": config}
@@ -121,16 +121,12 @@ def _read_run(run_dir: epath.Path, row: str, seed: int | None) -> dict[str, Any]
           "eval": results.get("eval", {}), "angle_stats": results.get("angle_stats") or {}}
 
 
-def _holds_run(folder: epath.Path) -> bool:
-  return any((folder / f).exists() for f in workdir.RUN_FILES)
-
-
 def _seed_runs(row_dir: epath.Path) -> list[tuple[int, epath.Path]]:
   """(k, folder) of the `seed<k>` run folders in a row's folder, by k."""
   seeds = []
   for child in row_dir.iterdir():
-    seed = launch.seed_of(child.name)
-    if seed is not None and child.is_dir() and _holds_run(child):
+    seed = plan.seed_of(child.name)
+    if seed is not None and child.is_dir() and workdir.holds_run(child):
       seeds.append((seed, child))
   return sorted(seeds)
 
@@ -161,7 +157,7 @@ def collect(root: str) -> list[dict[str, Any]]:
     if not row_dir.is_dir():
       continue
     seeds = _seed_runs(row_dir)
-    if _holds_run(row_dir):
+    if workdir.holds_run(row_dir):
       if seeds:
         raise errors.WorkdirError(f"{row_dir} holds both a run and seeded runs "
                                   f"({', '.join(p.name for _, p in seeds)})")

@@ -24,6 +24,9 @@ from arcjax import errors
 from arcjax import workdir
 from experiments import collect as collect_lib
 from experiments import launch
+from experiments import local
+from experiments import plan
+from experiments import tpu_pod
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 
@@ -104,13 +107,13 @@ def _write_workdir(run_dir: pathlib.Path, config=None, *, results_step=None,
 # --- command builders -------------------------------------------------------------
 
 def test_trainer_command_is_the_documented_argv():
-  argv = launch.trainer_command("configs/ablations.py", "arcface_0.4", "runs/t2/arcface_0.4",
+  argv = plan.trainer_command("configs/ablations.py", "arcface_0.4", "runs/t2/arcface_0.4",
                                 ["config.train.steps=300", "config.data.path=a b"],
                                 python="python3")
   assert argv == ["python3", "-m", "arcjax.main", "--config=configs/ablations.py:arcface_0.4",
                   "--workdir=runs/t2/arcface_0.4", "--config.train.steps=300",
                   "--config.data.path=a b"]
-  assert launch.trainer_command("g.py", "r", "w", distributed_auto=True,
+  assert plan.trainer_command("g.py", "r", "w", distributed_auto=True,
                                 python="p")[-1] == "--distributed_auto"
 
 
@@ -118,26 +121,26 @@ def test_trainer_command_is_the_documented_argv():
                                  "config.=1", "config.a..b=1"])
 def test_override_must_be_config_field_equals_value(bad):
   with pytest.raises(ValueError, match="config.FIELD=VALUE"):
-    launch.override_flag(bad)
+    plan.override_flag(bad)
 
 
 def test_plan_runs_with_and_without_seeds():
-  assert launch.plan_runs(["a", "b"], "runs/t", ["config.lr=1"]) == [
-      launch.Run("a", None, "runs/t/a", ("config.lr=1",)),
-      launch.Run("b", None, "runs/t/b", ("config.lr=1",))]
-  runs = launch.plan_runs(["a", "b"], "gs://bkt/t", ["config.lr=1"], seeds=2)
+  assert plan.plan_runs(["a", "b"], "runs/t", ["config.lr=1"]) == [
+      plan.Run("a", None, "runs/t/a", ("config.lr=1",)),
+      plan.Run("b", None, "runs/t/b", ("config.lr=1",))]
+  runs = plan.plan_runs(["a", "b"], "gs://bkt/t", ["config.lr=1"], seeds=2)
   assert [(r.name, r.workdir, r.overrides) for r in runs] == [
       ("a/seed0", "gs://bkt/t/a/seed0", ("config.lr=1", "config.seed=0")),
       ("a/seed1", "gs://bkt/t/a/seed1", ("config.lr=1", "config.seed=1")),
       ("b/seed0", "gs://bkt/t/b/seed0", ("config.lr=1", "config.seed=0")),
       ("b/seed1", "gs://bkt/t/b/seed1", ("config.lr=1", "config.seed=1"))]
-  assert [launch.seed_of(f) for f in ("seed0", "seed12", "seed", "seedx", "xseed1")] == [
+  assert [plan.seed_of(f) for f in ("seed0", "seed12", "seed", "seedx", "xseed1")] == [
       0, 12, None, None, None]
 
 
 def test_tpu_pod_command_tilde_quoting_and_distributed_auto():
-  run = launch.Run("cm1", None, "gs://bkt/table2/cm1", ("config.model.name=iresnet50",))
-  argv = launch.tpu_pod_command("configs/ablations.py", run, tpu="pod-v4", zone="us-c2-b",
+  run = plan.Run("cm1", None, "gs://bkt/table2/cm1", ("config.model.name=iresnet50",))
+  argv = tpu_pod.tpu_pod_command("configs/ablations.py", run, tpu="pod-v4", zone="us-c2-b",
                                 remote_dir="~/my repo")
   assert argv[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod-v4",
                       "--zone=us-c2-b", "--worker=all"]
@@ -149,25 +152,25 @@ def test_tpu_pod_command_tilde_quoting_and_distributed_auto():
 @pytest.mark.parametrize("grid_path", ["/abs/grid.py", "../elsewhere/grid.py"])
 def test_tpu_pod_command_rejects_grids_the_workers_cannot_see(grid_path):
   with pytest.raises(ValueError, match="inside the repository"):
-    launch.tpu_pod_command(grid_path, launch.Run("a", None, "gs://b/a", ()), tpu="t", zone="z")
+    tpu_pod.tpu_pod_command(grid_path, plan.Run("a", None, "gs://b/a", ()), tpu="t", zone="z")
 
 
 def test_pinned_jax_version(tmp_path):
   path = tmp_path / "requirements.txt"
   path.write_text("jaxlib==0.4.1\n# jax==9\njax==0.10.2  # pinned\nflax==1\n")
-  assert launch.pinned_jax_version(str(path)) == "0.10.2"
+  assert tpu_pod.pinned_jax_version(str(path)) == "0.10.2"
   path.write_text("jaxlib==0.4.1\n")
   with pytest.raises(errors.ConfigError, match="pins no jax version"):
-    launch.pinned_jax_version(str(path))
+    tpu_pod.pinned_jax_version(str(path))
 
 
 # --- grid loading and the trainer's config -------------------------------------------
 
 def test_load_grid_passes_the_sweep_argument(grid_repo):
-  assert launch.load_grid("grid.py") == ("grid.py", ["good", "bad", "done", "resume"])
-  assert launch.load_grid("grid.py:small") == ("grid.py", ["good"])
-  assert launch.grid_name("configs/ablations.py:table5,setting=paper") == "table5_setting_paper"
-  assert launch.grid_name("grid.py") == "grid"
+  assert plan.load_grid("grid.py") == ("grid.py", ["good", "bad", "done", "resume"])
+  assert plan.load_grid("grid.py:small") == ("grid.py", ["good"])
+  assert plan.grid_name("configs/ablations.py:table5,setting=paper") == "table5_setting_paper"
+  assert plan.grid_name("grid.py") == "grid"
 
 
 @pytest.mark.parametrize("source, match", [
@@ -182,24 +185,39 @@ def test_load_grid_errors_name_the_file(tmp_path, source, match):
   path = tmp_path / "g.py"
   path.write_text(source)
   with pytest.raises(errors.ConfigError, match=match) as e:
-    launch.load_grid(str(path))
+    plan.load_grid(str(path))
   assert str(path) in str(e.value)
 
 
 def test_trainer_config_parses_like_the_trainer(grid_repo):
-  config = launch.trainer_config("grid.py", "good", ["config.train.steps=7", "config.seed=3",
+  config = plan.trainer_config("grid.py", "good", ["config.train.steps=7", "config.seed=3",
                                                      "config.name=a 'b' c"])
   assert (config.train.steps, config.seed, config.name, config.lr) == (7, 3, "a 'b' c", 0.1)
-  with pytest.raises(errors.ConfigError, match=r"grid.py:good: .*'stepz'"):
-    launch.trainer_config("grid.py", "good", ["config.train.stepz=7"])
+  with pytest.raises(errors.ConfigError, match=r"^grid.py:good: unknown config key "):
+    plan.trainer_config("grid.py", "good", ["config.train.stepz=7"])
   with pytest.raises(errors.ConfigError, match=r"grid.py:good: .*config.train.steps=x"):
-    launch.trainer_config("grid.py", "good", ["config.train.steps=x"])
+    plan.trainer_config("grid.py", "good", ["config.train.steps=x"])
   with pytest.raises(errors.ConfigError, match=r"^grid.py:broken: ValueError: no such row"):
-    launch.trainer_config("grid.py", "broken")
+    plan.trainer_config("grid.py", "broken")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("config.train.stepz=7", "config.train.stepz: config.train has no stepz (did you mean "
+                             "steps?); its keys: log_every, steps"),
+    ("config.trian.steps=7", "config.trian.steps: config has no trian (did you mean train?); "
+                             "its keys: lr, name, seed, train"),
+    ("config.nosuch=1", "config.nosuch: config has no nosuch; its keys: lr, name, seed, train"),
+    ("config.lr.x=1", "config.lr.x: config.lr is 0.1, which has no keys"),
+])
+def test_an_unknown_override_names_the_key_and_the_known_ones_beside_it(grid_repo, override,
+                                                                        message):
+  with pytest.raises(errors.ConfigError) as error:
+    plan.trainer_config("grid.py", "good", [override])
+  assert str(error.value) == f"grid.py:good: unknown config key {message}"
 
 
 def test_run_status_of_each_kind_of_workdir(grid_repo):
-  runs = {row: launch.Run(row, None, f"runs/{row}", ()) for row in
+  runs = {row: plan.Run(row, None, f"runs/{row}", ()) for row in
           ("new", "unfinished", "finished", "more_steps", "changed", "changed_free")}
   _write_workdir(grid_repo / "runs" / "unfinished", checkpoint=True)
   _write_workdir(grid_repo / "runs" / "finished", checkpoint=True, results_step=10)
@@ -208,7 +226,7 @@ def test_run_status_of_each_kind_of_workdir(grid_repo):
   _write_workdir(grid_repo / "runs" / "changed", {**CONFIG_JSON, "lr": 0.5}, checkpoint=True)
   _write_workdir(grid_repo / "runs" / "changed_free", {**CONFIG_JSON, "train": {
       "steps": 10, "log_every": 1}}, checkpoint=True, results_step=10)
-  status = {row: launch.run_status("grid.py", run) for row, run in runs.items()}
+  status = {row: plan.run_status("grid.py", run) for row, run in runs.items()}
   assert {row: s for row, (s, _) in status.items()} == {
       "new": "new", "unfinished": "unfinished", "finished": "finished",
       "more_steps": "unfinished", "changed": "changed", "changed_free": "finished"}
@@ -249,7 +267,8 @@ def test_usage_errors(grid_repo, capsys, argv, message):
     (["--grid=missing.py", "--workdir=w"], "error: grid file 'missing.py' does not exist"),
     (["--grid=grid.py:broken", "--workdir=w"], "error: grid.py:broken: ValueError: no such row"),
     (["--grid=grid.py", "--workdir=w", "--override", "config.trian.steps=3"],
-     "error: grid.py:good: "),
+     "error: grid.py:good: unknown config key config.trian.steps: config has no trian "
+     "(did you mean train?); its keys: lr, name, seed, train\n"),
 ])
 def test_expected_errors_are_one_line(grid_repo, capsys, argv, message):
   with pytest.raises(SystemExit) as e:
@@ -259,6 +278,21 @@ def test_expected_errors_are_one_line(grid_repo, capsys, argv, message):
   assert err.startswith(message) and err.count("\n") == 1, err
   with pytest.raises(errors.ConfigError):  # --traceback: the error itself
     launch.main(argv + ["--traceback"], out=io.StringIO())
+
+
+def test_a_run_folder_is_recognised_locally_and_in_a_bucket(tmp_path, monkeypatch):
+  _write_workdir(tmp_path / "grid" / "arcface")
+  (tmp_path / "grid" / "notes").mkdir()
+
+  def on_disk(original, path, *args, **kwargs):
+    assert os.fspath(path).startswith("gs://bkt/grid"), path
+    return original(os.fspath(path).replace("gs://bkt", str(tmp_path), 1), *args, **kwargs)
+
+  monkeypatch.setattr(workdir, "_gcs_credentials_hint", lambda: None)  # no gcsfs needed
+  with epath_testing.mock_epath(exists=on_disk):
+    in_bucket = [workdir.holds_run(f"gs://bkt/grid/{f}") for f in ("arcface", "notes")]
+  assert in_bucket == [True, False]
+  assert [workdir.holds_run(tmp_path / "grid" / f) for f in ("arcface", "notes")] == [True, False]
 
 
 def test_a_mixed_layout_is_refused(grid_repo, capsys):
@@ -372,8 +406,8 @@ def test_seeded_runs_get_their_seed(grid_repo):
 
 
 def test_run_jobs_reports_a_command_that_cannot_start(tmp_path):
-  outcomes, signum = launch.run_jobs(
-      [launch.Job("x", ("/nonexistent/trainer",), str(tmp_path / "x" / "launch.log"))],
+  outcomes, signum = local.run_jobs(
+      [local.Job("x", ("/nonexistent/trainer",), str(tmp_path / "x" / "launch.log"))],
       out=io.StringIO())
   assert signum is None
   assert outcomes[0].status == "failed" and "could not start" in outcomes[0].detail
@@ -462,7 +496,7 @@ def test_tpu_pod_dry_run_matches_the_recorded_commands(grid_repo):
                          "--output=runs/pair-logs/arcjax.tar.gz", "v1.0"]
   remote = commands[3][-1].removeprefix("--command=")
   assert shlex.split(remote)[-4:] == ["requirements.txt", "jax[tpu]==0.10.2", "-f",
-                                      launch.LIBTPU_RELEASES]
+                                      tpu_pod.LIBTPU_RELEASES]
   flag, trainer = commands[4][-1].split("=", 1)
   assert flag == "--command" and shlex.split(trainer) == [
       "cd", "~/my repo", "&&", "python3", "-m", "arcjax.main", "--config=grid.py:good",
@@ -517,8 +551,8 @@ def test_tpu_pod_remote_command_runs_in_a_real_shell(grid_repo, tmp_path_factory
   """What a worker's shell does with --command: cd to the repo under ~, run the trainer."""
   home = tmp_path_factory.mktemp("home")
   os.symlink(grid_repo, home / "my repo")
-  run = launch.Run("good", None, "gs://b/x/good", ("config.name=a 'b' c",))
-  argv = launch.tpu_pod_command("grid.py", run, tpu="t", zone="z", remote_dir="~/my repo",
+  run = plan.Run("good", None, "gs://b/x/good", ("config.name=a 'b' c",))
+  argv = tpu_pod.tpu_pod_command("grid.py", run, tpu="t", zone="z", remote_dir="~/my repo",
                                 remote_python=sys.executable)
   remote = argv[-1].removeprefix("--command=").removesuffix(" --distributed_auto")
   # The fake trainer cannot write to gs://; a local folder of that name stands in.
@@ -539,7 +573,7 @@ def test_tpu_pod_deploy_command_unpacks_the_archive_in_a_real_shell(grid_repo,
   subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
                  cwd=grid_repo, check=True)
   home = tmp_path_factory.mktemp("home")
-  deploy = launch.deploy_commands(tpu="t", zone="z", commit="HEAD",
+  deploy = tpu_pod.deploy_commands(tpu="t", zone="z", commit="HEAD",
                                   archive=str(home / "arcjax.tar.gz"), remote_dir="~/my repo",
                                   remote_python="fakepython", jax_version="0.10.2")
   for argv in deploy[:2]:
@@ -555,7 +589,7 @@ def test_tpu_pod_deploy_command_unpacks_the_archive_in_a_real_shell(grid_repo,
   assert (home / "pip.cwd").read_text().strip() == str(home / "my repo")
   assert (home / "pip.args").read_text().split() == [
       "-m", "pip", "install", "-r", "requirements.txt", "jax[tpu]==0.10.2", "-f",
-      launch.LIBTPU_RELEASES]
+      tpu_pod.LIBTPU_RELEASES]
 
 
 # --- collect ------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""The SLURM target: each run to do gets `<run workdir>/slurm.sbatch`, submitted with sbatch.
+
+The script runs one task per node, `srun python3 -m arcjax.main …
+--distributed_auto`, its output in `<run workdir>/slurm-<job>.out`. The trainer
+gets SIGTERM (it saves and exits) SLURM_GRACE_S before the job's time limit;
+launching the grid again resumes it. The runs' folders must be on a file
+system the nodes share.
+"""
+
+import dataclasses
+import os
+import posixpath
+import re
+import shlex
+import subprocess
+import sys
+from typing import Callable, Sequence, TextIO
+
+from arcjax import errors
+from arcjax import workdir
+from experiments import plan
+from experiments import summary
+
+SLURM_GRACE_S = 120  # SIGTERM this long before a SLURM time limit, for the final checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmOptions:
+  """The `#SBATCH` resources of every run, and what the job runs before the trainer."""
+  nodes: int = 1
+  gpus_per_node: int | None = None
+  partition: str | None = None
+  time: str | None = None
+  account: str | None = None
+  setup: str | None = None
+  python: str = "python3"
+
+
+def slurm_script(grid_path: str, run: plan.Run, options: SlurmOptions, *, repo: str,
+                 job_name: str) -> str:
+  """The sbatch script of one run: one task per node, all of its GPUs to that task.
+
+  `srun` starts the trainer once per node with --distributed_auto;
+  `jax.distributed.initialize()` then reads SLURM_JOB_ID, SLURM_STEP_NODELIST,
+  SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID: the coordinator is the first
+  node of SLURM_STEP_NODELIST on port 61440 + SLURM_JOB_ID mod 4096 (or
+  $JAX_COORDINATOR_PORT). JAX would also keep only GPU number SLURM_LOCALID
+  visible to each task (one task per GPU is its default); the script exports
+  JAX_LOCAL_DEVICE_IDS with every GPU of the node instead.
+
+  Args:
+    grid_path, run: the run; its workdir must be absolute (on the shared file system).
+    options: resources and set-up.
+    repo: the repository's absolute path, where the job runs.
+    job_name: the SLURM job name.
+  """
+  run_dir = run.workdir
+  directives = [f"--job-name={job_name}", f"--nodes={options.nodes}", "--ntasks-per-node=1"]
+  if options.gpus_per_node:
+    directives.append(f"--gpus-per-node={options.gpus_per_node}")
+  directives += [f"--{key}={value}" for key, value in (
+      ("partition", options.partition), ("time", options.time), ("account", options.account))
+      if value]
+  directives += [f"--output={posixpath.join(run_dir, 'slurm-%j.out')}",
+                 f"--signal=TERM@{SLURM_GRACE_S}"]
+  seed = "" if run.seed is None else f", seed {run.seed}"
+  lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
+           f"# Row {run.row}{seed} of {grid_path}, written by python -m experiments.launch.",
+           "# The trainer gets SIGTERM (it saves and exits) "
+           f"{SLURM_GRACE_S} s before the time limit; run the",
+           "# launcher again to resume it.",
+           "set -eo pipefail",
+           f"cd {shlex.quote(repo)}"]
+  if options.setup:
+    lines.append(options.setup)
+  lines.append("export PYTHONUNBUFFERED=1")
+  if options.gpus_per_node:
+    lines += ["# One task per node uses all its GPUs (JAX on SLURM would keep GPU $SLURM_LOCALID "
+              "only).",
+              "export JAX_LOCAL_DEVICE_IDS="
+              + ",".join(str(i) for i in range(options.gpus_per_node))]
+  trainer = plan.trainer_command(grid_path, run.row, run_dir, run.overrides,
+                                 python=options.python, distributed_auto=True)
+  lines.append(shlex.join(["srun", "--kill-on-bad-exit=1", *trainer]))
+  return "\n".join(lines) + "\n"
+
+
+def sbatch_command(script_path: str) -> list[str]:
+  """`sbatch --parsable SCRIPT`: prints the job id."""
+  return ["sbatch", "--parsable", script_path]
+
+
+def submit_with_sbatch(argv: Sequence[str]) -> str:
+  """Runs `sbatch`; returns what it printed (the job id).
+
+  Raises errors.Error (one line) if sbatch refuses the job, OSError if there is no sbatch.
+  """
+  result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    raise errors.Error(f"{shlex.join(argv)} failed: {reason}")
+  return result.stdout.strip()
+
+
+def _job_name(grid_name: str, run: plan.Run) -> str:
+  return re.sub(r"[^\w.-]+", "_", f"{grid_name}.{run.name.replace('/', '.')}")
+
+
+def launch(grid_path: str, runs: Sequence[plan.Run], options: SlurmOptions, *, grid_name: str,
+           dry_run: bool = False, out: TextIO = sys.stdout,
+           submit: Callable[[Sequence[str]], str] = submit_with_sbatch) -> int:
+  """Submits a job for each of the grid's runs that are to run; returns the exit status.
+
+  Args:
+    grid_path, runs: the grid file and its runs (absolute workdirs).
+    options: every job's resources and set-up.
+    grid_name: the grid's name (`plan.grid_name`), the first part of each job's name.
+    dry_run: print each run's status and a shell script that writes and submits
+      its job script; write and submit nothing.
+    submit: runs an sbatch argv and returns the job id (tests pass a stand-in).
+  """
+  repo = os.getcwd()
+  planned = []
+  for run, (status, changes) in zip(runs, plan.statuses(grid_path, runs)):
+    not_run = summary.before_running(run, status, changes)
+    script = None if not_run else slurm_script(grid_path, run, options, repo=repo,
+                                               job_name=_job_name(grid_name, run))
+    planned.append((run, plan.status_line(run, status, changes), not_run, script))
+  outcomes = []
+  for run, status_line, not_run, script in planned:
+    if dry_run:
+      out.write(status_line + "\n")
+    if not_run:
+      outcomes.append(not_run)
+      continue
+    script_path = os.path.join(run.workdir, workdir.SLURM_SCRIPT)
+    command = sbatch_command(script_path)
+    if dry_run:
+      out.write(f"mkdir -p {shlex.quote(run.workdir)} && cat > {shlex.quote(script_path)} "
+                f"<<'SBATCH_SCRIPT'\n{script}SBATCH_SCRIPT\n{shlex.join(command)}\n")
+      continue
+    workdir.write_text(workdir.as_path(script_path), script)
+    try:
+      job = submit(command)
+    except errors.Error as error:  # this run's submission failed; an OSError stops them all
+      out.write(f"[{run.name}] FAILED to submit: {error}\n")
+      outcomes.append(summary.Outcome(run.name, "failed", str(error), script_path))
+      continue
+    out.write(f"[{run.name}] submitted: job {job} ({script_path})\n")
+    outcomes.append(summary.Outcome(run.name, "submitted", f"job {job}", script_path))
+  if dry_run:
+    return 0
+  summary.write(runs, outcomes, grid_path, out)
+  return summary.exit_status(outcomes, None)
