@@ -65,6 +65,10 @@ def load_grid(spec: str) -> tuple[str, list[str]]:
   Returns:
     (PATH, the row names `sweep` returned): unique, non-empty, usable as a
     directory name.
+
+  Raises:
+    ConfigError (one line) for a missing file, no sweep, or a sweep that
+    refuses ARG (a ValueError or KeyError, as get_config refuses a row).
   """
   path, arg = split_grid_spec(spec)
   if not os.path.isfile(path):
@@ -78,7 +82,10 @@ def load_grid(spec: str) -> tuple[str, list[str]]:
   sweep = getattr(module, "sweep", None)
   if not callable(sweep):
     raise errors.ConfigError(f"grid file {path!r} has no sweep() function listing its runs")
-  rows = sweep() if arg is None else sweep(arg)
+  try:
+    rows = sweep() if arg is None else sweep(arg)
+  except (ValueError, KeyError) as error:  # an unknown grid: the sweep's own words
+    raise errors.ConfigError(f"{spec}: {type(error).__name__}: {error}") from None
   if isinstance(rows, str) or not isinstance(rows, (list, tuple)):
     raise errors.ConfigError(f"sweep({arg!r}) in {path!r} must return a list of row names, "
                              f"got {rows!r}")

@@ -28,7 +28,8 @@ from experiments import local
 from experiments import plan
 from experiments import tpu_pod
 
-DATA = pathlib.Path(__file__).resolve().parent / "data"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
 
 GRID = textwrap.dedent("""\
     import ml_collections
@@ -269,6 +270,7 @@ def test_usage_errors(grid_repo, capsys, argv, message):
     (["--grid=grid.py", "--workdir=w", "--override", "config.trian.steps=3"],
      "error: grid.py:good: unknown config key config.trian.steps: config has no trian "
      "(did you mean train?); its keys: lr, name, seed, train\n"),
+    (["--grid=grid.py:nosuch", "--workdir=w"], "error: grid.py:nosuch: KeyError: 'nosuch'\n"),
 ])
 def test_expected_errors_are_one_line(grid_repo, capsys, argv, message):
   with pytest.raises(SystemExit) as e:
@@ -278,6 +280,16 @@ def test_expected_errors_are_one_line(grid_repo, capsys, argv, message):
   assert err.startswith(message) and err.count("\n") == 1, err
   with pytest.raises(errors.ConfigError):  # --traceback: the error itself
     launch.main(argv + ["--traceback"], out=io.StringIO())
+
+
+def test_an_unknown_grid_of_the_ablations_names_the_known_ones(monkeypatch, capsys):
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit) as e:
+    launch.main(["--grid=configs/ablations.py:tabel5", "--workdir=w", "--dry-run"])
+  assert e.value.code == 1
+  known = "table2, table5, margins, gradient, large_margins"
+  assert capsys.readouterr().err.startswith(
+      f"error: configs/ablations.py:tabel5: ValueError: unknown grid 'tabel5'; known: {known}")
 
 
 def test_a_run_folder_is_recognised_locally_and_in_a_bucket(tmp_path, monkeypatch):
