@@ -22,6 +22,8 @@ from experiments import plan
 from experiments import summary
 
 SLURM_GRACE_S = 120  # SIGTERM this long before a SLURM time limit, for the final checkpoint
+# What sbatch's reading of an #SBATCH line (below) takes for something else than a character.
+_SBATCH_SPECIAL = re.compile(r"[\s\"'\\#]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,35 @@ class SlurmOptions:
   account: str | None = None
   setup: str | None = None
   python: str = "python3"
+
+
+def _directive(option: str, value: object) -> str:
+  """'#SBATCH --OPTION=VALUE', VALUE quoted where sbatch needs it to read VALUE back.
+
+  sbatch cuts an #SBATCH line into arguments at whitespace outside '…' or "…"
+  quotes (which may open mid-argument); a backslash passes the next character
+  on as it is, and an unquoted '#' ends the line (Slurm's src/sbatch/opt.c,
+  get_argument). So a value holding any of these goes inside double quotes,
+  each '"' and '\\' in it behind a backslash. A line break cannot be written.
+  """
+  text = str(value)
+  if "\n" in text or "\r" in text:
+    raise errors.ConfigError(f"--{option} {text!r}: an #SBATCH line cannot hold a line break")
+  if _SBATCH_SPECIAL.search(text):
+    text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+  return f"#SBATCH --{option}={text}"
+
+
+def _output_pattern(run_dir: str) -> str:
+  """sbatch's --output pattern for `<run_dir>/slurm-<job id>.out`.
+
+  In the pattern '%j' is the job id and '%%' a '%'; a backslash anywhere turns
+  every '%' sequence off (sbatch's man page, "filename pattern").
+  """
+  if "\\" in run_dir:
+    raise errors.WorkdirError(f"{run_dir}: sbatch cannot write a job's output into a folder "
+                              "whose path holds a backslash; use another --workdir")
+  return posixpath.join(run_dir.replace("%", "%%"), "slurm-%j.out")
 
 
 def slurm_script(grid_path: str, run: plan.Run, options: SlurmOptions, *, repo: str,
@@ -55,16 +86,15 @@ def slurm_script(grid_path: str, run: plan.Run, options: SlurmOptions, *, repo: 
     job_name: the SLURM job name.
   """
   run_dir = run.workdir
-  directives = [f"--job-name={job_name}", f"--nodes={options.nodes}", "--ntasks-per-node=1"]
+  directives = [("job-name", job_name), ("nodes", options.nodes), ("ntasks-per-node", 1)]
   if options.gpus_per_node:
-    directives.append(f"--gpus-per-node={options.gpus_per_node}")
-  directives += [f"--{key}={value}" for key, value in (
+    directives.append(("gpus-per-node", options.gpus_per_node))
+  directives += [(key, value) for key, value in (
       ("partition", options.partition), ("time", options.time), ("account", options.account))
       if value]
-  directives += [f"--output={posixpath.join(run_dir, 'slurm-%j.out')}",
-                 f"--signal=TERM@{SLURM_GRACE_S}"]
+  directives += [("output", _output_pattern(run_dir)), ("signal", f"TERM@{SLURM_GRACE_S}")]
   seed = "" if run.seed is None else f", seed {run.seed}"
-  lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
+  lines = ["#!/bin/bash", *(_directive(key, value) for key, value in directives),
            f"# Row {run.row}{seed} of {grid_path}, written by python -m experiments.launch.",
            "# The trainer gets SIGTERM (it saves and exits) "
            f"{SLURM_GRACE_S} s before the time limit; run the",
@@ -120,6 +150,7 @@ def launch(grid_path: str, runs: Sequence[plan.Run], options: SlurmOptions, *, g
     submit: runs an sbatch argv and returns the job id (tests pass a stand-in).
   """
   repo = os.getcwd()
+  # Every script is built (and so checked) before any is written or submitted.
   planned = []
   for run, (status, changes) in zip(runs, plan.statuses(grid_path, runs)):
     not_run = summary.before_running(run, status, changes)

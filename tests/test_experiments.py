@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from experiments import collect as collect_lib
 from experiments import launch
 from experiments import local
 from experiments import plan
+from experiments import slurm
 from experiments import tpu_pod
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -491,6 +493,74 @@ def test_slurm_submits_each_run_and_reports_failures(grid_repo):
   status, out = _run_main(["--grid=grid.py:small", "--target=slurm", "--workdir=more"],
                           submit=submit)
   assert status == 0 and "submitted: job 4242" in out and "1 submitted" in out
+
+
+def _sbatch_arguments(line: str) -> list[str]:
+  """The arguments sbatch reads from an '#SBATCH …' line: get_argument of Slurm's
+  src/sbatch/opt.c (master, 2026-08) transcribed. Whitespace splits outside '…' or "…"
+  quotes, which may open mid-argument; a backslash passes the next character on; an
+  unquoted '#' ends the line; an unmatched quote makes sbatch refuse the script."""
+  assert line.startswith("#SBATCH")
+  text, i, arguments = line[len("#SBATCH"):], 0, []
+  while True:
+    while i < len(text) and text[i] in " \t\n\v\f\r":
+      i += 1
+    argument, quote, escaped = "", None, False
+    while i < len(text) and (quote or text[i] not in " \t\n\v\f\r"):
+      char = text[i]
+      if escaped:
+        escaped = False
+      elif char == "\\":
+        i += 1
+        if i < len(text) and text[i] == " ":  # master's '\ ': a space, taken at once
+          argument, i = argument + " ", i + 1
+        else:
+          escaped = True
+        continue
+      elif quote:
+        if char == quote:
+          quote, i = None, i + 1
+          continue
+      elif char in "\"'":
+        quote, i = char, i + 1
+        continue
+      elif char == "#":
+        break
+      argument += char
+      i += 1
+    assert quote is None, f"sbatch: unmatched {quote} in {line!r}"
+    if not argument:  # sbatch stops at the first empty argument (the line's end, or a '#')
+      return arguments
+    arguments.append(argument)
+
+
+def _output_file(pattern: str, job_id: str) -> str:
+  """The file sbatch's --output pattern names: '%j' the job id, '%%' a '%', and none of
+  them replaced where the pattern holds a backslash (which is dropped) — sbatch(1),
+  "filename pattern"; src/common/print_fields.c, expand_stdio_fields."""
+  if "\\" in pattern:
+    return pattern.replace("\\", "")
+  return re.sub(r"%(.)", lambda m: {"%": "%", "j": job_id}[m.group(1)], pattern)
+
+
+@pytest.mark.parametrize("folder", ["my runs", "it's \"#1\"", "50% off", "tab\there", "plain"])
+def test_sbatch_reads_each_directive_back_whole(tmp_path, folder):
+  run = plan.Run("good", 0, str(tmp_path / folder / "good" / "seed0"), ("config.seed=0",))
+  options = slurm.SlurmOptions(partition="gpu a100", time="1-00:00:00", account="o'brien #2")
+  script = slurm.slurm_script("grid.py", run, options, repo=str(tmp_path), job_name="g.good")
+  arguments = [argument for line in script.splitlines() if line.startswith("#SBATCH")
+               for argument in _sbatch_arguments(line)]
+  assert arguments == [
+      "--job-name=g.good", "--nodes=1", "--ntasks-per-node=1", "--partition=gpu a100",
+      "--time=1-00:00:00", "--account=o'brien #2", arguments[6], "--signal=TERM@120"]
+  output = arguments[6].removeprefix("--output=")
+  assert _output_file(output, "4242") == f"{tmp_path}/{folder}/good/seed0/slurm-4242.out"
+
+
+def test_sbatch_output_refuses_a_folder_with_a_backslash(tmp_path):
+  run = plan.Run("good", None, str(tmp_path / "a\\b" / "good"), ())
+  with pytest.raises(errors.WorkdirError, match=r"backslash"):
+    slurm.slurm_script("grid.py", run, slurm.SlurmOptions(), repo=str(tmp_path), job_name="j")
 
 
 # --- TPU pod -------------------------------------------------------------------------
