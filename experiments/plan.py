@@ -12,7 +12,7 @@ with the run's workdir (`run_status`):
   finished          results.json for the requested steps: skipped
   changed           a checkpoint trained with another config: not run
 Each target (experiments/local.py, slurm.py, tpu_pod.py) then makes a job of
-each run to do; experiments/outcomes.py reports what became of them.
+each run to do; experiments/summary.py reports what became of them.
 """
 
 import dataclasses
