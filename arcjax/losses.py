@@ -1,10 +1,13 @@
-"""The losses of the paper's Table 2, as pure functions of arrays.
+"""The losses of the paper's Table 2 and of the margin family after it, as pure functions.
 
 `margin_softmax_loss`, the reference margin softmax cross-entropy (the (B, C)
 logits at once; the head's production core is `head.margin_softmax`), the
 angular Intra / Inter / Triplet terms, and `make_loss_fn`, the weighted sum a
-loss config names over the head's margin term. Everything is computed in
-float32 whatever the input dtype. Angles are in radians.
+loss config names over the head's margin term. The family after ArcFace, each
+exact to its paper's official code, with its state in and out explicitly:
+`subcenter_arcface_loss`, `curricularface_loss` (t), `magface_loss`,
+`adaface_loss` (the feature norms' mean and std), `elasticface_loss` (a key).
+Everything is computed in float32 whatever the input dtype. Angles are in radians.
 """
 
 import math
@@ -31,6 +34,25 @@ def _check_shapes(embeddings, centres, labels) -> None:
         f"{embeddings.shape}, {centres.shape} and {labels.shape}")
 
 
+def _target_mask(labels: jax.Array, num_classes: int) -> jax.Array:
+  """(B, C) bool, True at each row's label."""
+  return jnp.arange(num_classes)[None, :] == labels[:, None]
+
+
+def _pick(values: jax.Array, is_target: jax.Array) -> jax.Array:
+  """(B,) each row's target column of (B, C) `values`.
+
+  One-hot selects, not `values[rows, labels]`: their backward fuses into the (B, C) pass
+  where a gather's would scatter into a (B, C) buffer.
+  """
+  return jnp.sum(jnp.where(is_target, values, 0.0), axis=1)
+
+
+def _mean_cross_entropy(logits: jax.Array, is_target: jax.Array) -> jax.Array:
+  """Mean over the rows of log Σ_j exp(logit_j) − logit_y, logits (B, C)."""
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - _pick(logits, is_target))
+
+
 def margin_softmax_loss(
     embeddings: jax.Array, centres: jax.Array, labels: jax.Array, *,
     s: float = 64.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0,
@@ -55,10 +77,8 @@ def margin_softmax_loss(
   margins.validate_margin(s, m1, m2, m3, gradient)
   x, w = l2_normalize(embeddings), l2_normalize(centres)
   cos_theta = x @ w.T
-  # One-hot selects, not `logits[rows, labels]`: their backward fuses into the (B, C) pass
-  # where a gather's would scatter into a (B, C) buffer.
-  is_target = jnp.arange(centres.shape[0])[None, :] == labels[:, None]
-  theta_y = jax.lax.stop_gradient(margins.angle(jnp.sum(jnp.where(is_target, cos_theta, 0.0), 1)))
+  is_target = _target_mask(labels, centres.shape[0])
+  theta_y = jax.lax.stop_gradient(margins.angle(_pick(cos_theta, is_target)))
   if normalize:
     if bias is not None:
       raise ValueError("a bias is only used by the plain softmax (normalize=False)")
@@ -72,9 +92,7 @@ def margin_softmax_loss(
     logits = embeddings.astype(jnp.float32) @ centres.astype(jnp.float32).T
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
-  target = jnp.sum(jnp.where(is_target, logits, 0.0), axis=1)
-  loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) - target)
-  return loss, {"theta_y": theta_y}
+  return _mean_cross_entropy(logits, is_target), {"theta_y": theta_y}
 
 
 def intra_loss(theta_y: jax.Array) -> jax.Array:
@@ -137,6 +155,371 @@ def triplet_loss(embeddings: jax.Array, labels: jax.Array,
   hinge = jnp.maximum(0.0, hardest_positive + margin - hardest_negative)
   hinge = jnp.where(valid, hinge, 0.0)
   return jnp.sum(hinge) / jnp.maximum(jnp.sum(valid), 1)
+
+
+# --- The margin family after ArcFace --------------------------------------------------
+#
+# Each function reproduces its paper's official code: its clamps and eps, what is
+# detached, and the order of a state update against its use. Two departures, the same
+# everywhere: the cosines are computed in float32 whatever the input dtype, and the
+# gradient stays finite where |cos θ| = 1, where the official code's √(1 − cos²θ) or
+# arccos has an infinite derivative (the official value is kept there).
+
+# How a target logit cos(θ_y + m) continues past θ_y + m = π, where cos rises again:
+#   'official': what the method's official code does (each function says which);
+#   'fallback': cos θ − m·sin m once cos θ ≤ cos(π − m), arcface-pytorch's `th`/`mm`
+#     (CurricularFace's official code, pytorch-metric-learning's ArcFaceLoss and
+#     SubCenterArcFaceLoss, MagFace with easy_margin=False);
+#   'monotone': arcjax's continuation, `margins.target_logit` (strictly decreasing).
+EXTENSIONS = ("official", "fallback", "monotone")
+# ElasticFace's official config/config.py: the mean margin m of each kind (σ = 0.05 for both).
+ELASTICFACE_MARGINS = {"arc": 0.5, "cos": 0.35}
+# AdaFace's official head.py initialises its buffers to batch_mean = 20, batch_std = 100.
+ADAFACE_INITIAL_NORM_STATS = (20.0, 100.0)
+# √(1 − cos²θ) is floored here (the smallest normal float32): the value at |cos θ| = 1
+# stays exact and its gradient 0 instead of infinite.
+_SIN_FLOOR = float(jnp.finfo(jnp.float32).tiny)
+
+
+def _clamp(x: jax.Array, low, high) -> jax.Array:
+  """x clipped to [low, high] with torch.clamp's gradient: 1 on the closed interval, 0 outside.
+
+  (`jnp.clip` passes half of it at the bounds themselves.)
+  """
+  return jnp.where(x < low, low, jnp.where(x > high, high, x))
+
+
+def _feature_norm(x: jax.Array) -> jax.Array:
+  """(B,) ‖x‖ of float32 rows x (B, d); finite gradient at 0, as l2_normalize's floor."""
+  return jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=1), 1e-24))
+
+
+def _cos_plus(cos: jax.Array, m) -> jax.Array:
+  """cos(θ + m) = cos θ·cos m − sin θ·sin m for θ = arccos(cos) ∈ [0, π], cos ∈ [−1, 1].
+
+  The official codes' formula (arccos then cos, as insightface and ElasticFace write it,
+  is the same function); `m` a float or broadcastable array, in radians.
+  """
+  sin = jnp.sqrt(jnp.maximum(1.0 - cos * cos, _SIN_FLOOR))
+  return cos * jnp.cos(m) - sin * jnp.sin(m)
+
+
+def _arc_logit(cos_y: jax.Array, m, rule: str) -> jax.Array:
+  """The target logit cos(θ_y + m), (B,), of target cosines cos_y ∈ [−1, 1], continued past
+  θ_y + m = π by `rule`: 'none' (cos(θ_y + m) as it is), 'easy' (cos θ_y once cos θ_y ≤ 0:
+  easy_margin), 'fallback' or 'monotone' (see `EXTENSIONS`). m: float or (B,), radians."""
+  if rule == "monotone":
+    return margins.target_logit(margins.angle(cos_y), 1.0, m, 0.0)
+  cos_y_m = _cos_plus(cos_y, m)
+  if rule == "none":
+    return cos_y_m
+  if rule == "easy":
+    return jnp.where(cos_y > 0, cos_y_m, cos_y)
+  # arcface-pytorch's th = cos(π − m) and mm = sin(π − m)·m, as the official codes write them.
+  return jnp.where(cos_y > jnp.cos(jnp.pi - m), cos_y_m, cos_y - jnp.sin(jnp.pi - m) * m)
+
+
+def _extension_rule(extension: str, official: str, allowed=EXTENSIONS) -> str:
+  if extension not in allowed:
+    raise ValueError(f"extension must be one of {allowed}, got {extension!r}")
+  return official if extension == "official" else extension
+
+
+def _check_family(embeddings, centres, labels, s: float, **angles: float) -> None:
+  """Shapes (centres (C, d) or (C, K, d)), concrete labels in [0, C), s > 0, margins in [0, π)."""
+  if (embeddings.ndim != 2 or centres.ndim not in (2, 3) or labels.ndim != 1
+      or embeddings.shape[1] != centres.shape[-1] or labels.shape[0] != embeddings.shape[0]):
+    raise ValueError(
+        "expected embeddings (B, d), centres (C, d) (sub-center: (C, K, d)) and labels (B,), "
+        f"got {embeddings.shape}, {centres.shape} and {labels.shape}")
+  margins.check_labels(labels, centres.shape[0])
+  if not s > 0:
+    raise ValueError(f"scale s must be > 0, got s={s}")
+  for name, value in angles.items():
+    if not 0 <= value < math.pi:
+      raise ValueError(f"{name} must be in [0, pi), got {name}={value}")
+
+
+def _unit_cosines(embeddings: jax.Array, centres: jax.Array) -> jax.Array:
+  """x̂·Ŵᵀ, (B, C) float32 (centres (C, d)), or (B, C·K) for sub-centres (C, K, d)."""
+  w = l2_normalize(centres.reshape(-1, centres.shape[-1]))
+  return l2_normalize(embeddings) @ w.T
+
+
+def subcenter_arcface_loss(
+    embeddings: jax.Array, centres: jax.Array, labels: jax.Array, *, s: float = 64.0,
+    m: float = 0.5, extension: str = "official") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Sub-center ArcFace (Deng et al., ECCV 2020): ArcFace on the closest of K sub-centres.
+
+  The cosine to class c is max_k cos(x, W_ck); the target's gets ArcFace's margin,
+  cos(θ_y + m), the others none; mean cross-entropy of s times that.
+
+  Official code: deepinsight/insightface, recognition/subcenter_arcface/train_parall.py
+  (`get_symbol_arcface`: centres (C·K, d) class-major, both sides L2-normalised, the
+  (B, C·K) cosines reshaped (B, C, K) and maxed over K, then cos(arccos(cos θ_y) + m) with
+  no clamp and no fallback past θ_y + m = π); defaults from its sample_config.py (s = 64,
+  m = 0.5, loss_K = 3). pytorch-metric-learning's SubCenterArcFaceLoss
+  (losses/subcenter_arcface_loss.py over arcface_loss.py) is the same loss, its margin in
+  degrees (28.6° by default; margin=math.degrees(m) matches m) and with the th/mm fallback
+  past θ_y = π − m, which `extension='fallback'` reproduces.
+
+  Departures: the target cosine is clipped to [−1, 1] before the margin (MXNet's arccos
+  gives NaN past 1 after rounding), and the gradient stays finite at |cos θ_y| = 1.
+  The gradient reaches the arg-max sub-centre only (where sub-centres tie exactly, JAX
+  shares it among them). The paper's optional second stage (dropping non-dominant
+  sub-centres and the samples far from the dominant one, insightface's drop.py) is not
+  part of this loss.
+
+  Args:
+    embeddings: (B, d) raw features x (normalised here), any float dtype.
+    centres: (C, K, d) K sub-centres per class (K = 1 is ArcFace).
+    labels: (B,) int in [0, C).
+    s: the scale.
+    m: the additive angular margin, radians.
+    extension: past θ_y + m = π: 'official' (cos(θ_y + m) as it is, rising again),
+      'fallback' (pytorch-metric-learning's) or 'monotone' (see `EXTENSIONS`).
+
+  Returns:
+    (loss, aux): the float32 batch mean; aux['theta_y'] (B,) radians, the angle to the
+    closest sub-centre of the target class.
+  """
+  if centres.ndim != 3:
+    raise ValueError(f"expected sub-centres (C, K, d), got {centres.shape}")
+  _check_family(embeddings, centres, labels, s, m=m)
+  rule = _extension_rule(extension, "none")
+  num_classes, k, _ = centres.shape
+  cos = jnp.max(_unit_cosines(embeddings, centres).reshape(-1, num_classes, k), axis=2)
+  is_target = _target_mask(labels, num_classes)
+  cos_y = _pick(cos, is_target)
+  target = _arc_logit(_clamp(cos_y, -1.0, 1.0), m, rule)
+  loss = _mean_cross_entropy(s * jnp.where(is_target, target[:, None], cos), is_target)
+  return loss, {"theta_y": jax.lax.stop_gradient(margins.angle(cos_y))}
+
+
+def curricularface_loss(
+    embeddings: jax.Array, centres: jax.Array, labels: jax.Array, t: jax.Array, *,
+    s: float = 64.0, m: float = 0.5, momentum: float = 0.01,
+    extension: str = "official") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """CurricularFace (Huang et al., CVPR 2020): ArcFace whose hard negatives are re-weighted
+  by a curriculum t that follows the mean target cosine.
+
+      cos θ_y ← cos(θ_y + m)                 (the th/mm fallback past θ_y + m = π)
+      t ← momentum·mean_i cos θ_{y_i} + (1 − momentum)·t          (no gradient)
+      cos θ_j ← cos θ_j·(t + cos θ_j)        where cos θ_j > cos(θ_y + m), j ≠ y
+
+  then the mean cross-entropy of s times the logits.
+
+  Official code: HuangYG123/CurricularFace, head/metrics.py (`CurricularFace`): cosines
+  clamped to [−1, 1]; t is updated from this batch's target cosines (before the margin)
+  under no_grad BEFORE it re-weights them; the hard-negative test compares with
+  cos(θ_y + m) itself, not with the fallback value; its momentum 0.01 and t₀ = 0 (the
+  buffer's init); s = 64, m = 0.5 as its train.py builds the head.
+
+  Departure: the gradient stays finite at |cos θ_y| = 1 (√(1 − cos²) floored).
+
+  Args:
+    embeddings: (B, d) raw features, any float dtype.
+    centres: (C, d) class centres.
+    labels: (B,) int in [0, C).
+    t: () float, the state: 0 at the start.
+    s, m: the scale and the angular margin (radians).
+    momentum: the weight of this batch's mean target cosine in the new t.
+    extension: 'official' = 'fallback', or 'monotone' (`margins.target_logit`; the hard
+      negatives are then those above that monotone target logit).
+
+  Returns:
+    (loss, aux): aux['t'] the updated state (float32, t's shape), aux['theta_y'] (B,)
+    radians. Over devices, t follows the mean target cosine of the global batch.
+  """
+  _check_family(embeddings, centres, labels, s, m=m)
+  if not 0.0 <= momentum <= 1.0:
+    raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+  rule = _extension_rule(extension, "fallback")
+  cos = _clamp(_unit_cosines(embeddings, centres), -1.0, 1.0)
+  is_target = _target_mask(labels, centres.shape[0])
+  cos_y = _pick(cos, is_target)
+  target = _arc_logit(cos_y, m, rule)
+  hard_above = target if rule == "monotone" else _cos_plus(cos_y, m)
+  t = jax.lax.stop_gradient(
+      momentum * jnp.mean(cos_y) + (1.0 - momentum) * jnp.asarray(t, jnp.float32))
+  logits = jnp.where(cos > hard_above[:, None], cos * (t + cos), cos)
+  logits = jnp.where(is_target, target[:, None], logits)
+  loss = _mean_cross_entropy(s * logits, is_target)
+  return loss, {"t": t, "theta_y": jax.lax.stop_gradient(margins.angle(cos_y))}
+
+
+def magface_loss(
+    embeddings: jax.Array, centres: jax.Array, labels: jax.Array, *, s: float = 64.0,
+    l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8,
+    lambda_g: float = 35.0,
+    extension: str = "official") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MagFace (Meng et al., CVPR 2021): an angular margin that grows with the feature norm,
+  plus a regulariser g that rewards a large norm.
+
+      a = clamp(‖x‖, l_a, u_a)                         (NOT detached)
+      m(a) = (u_m − l_m)/(u_a − l_a)·(a − l_a) + l_m
+      loss = CE(s·[cos(θ_y + m(a)) on the target]) + λ_g·mean_i(a_i/u_a² + 1/a_i)
+
+  Official code: IrvingMeng/MagFace, models/magface.py (`MagLinear`, `MagLoss`,
+  `SoftmaxBuilder._margin`) with run/trainer.py's loss_id + lambda_g·loss_g: the norm
+  carries the gradient into the margin and into g, the clamp passes none outside
+  [l_a, u_a]; cosines clamped to [−1, 1]; MagLinear's default easy_margin=True, which
+  its trainers keep: the target logit is cos θ_y itself wherever cos θ_y ≤ 0.
+  Defaults from run/run.sh: l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, λ_g = 35, s = 64.
+
+  Departure: the gradient stays finite at |cos θ_y| = 1.
+
+  Args:
+    embeddings: (B, d) raw features (their norm is the magnitude a), any float dtype.
+    centres: (C, d) class centres.
+    labels: (B,) int in [0, C).
+    s: the scale.
+    l_a, u_a: the norm range, 0 < l_a < u_a.
+    l_m, u_m: the margins at l_a and u_a, radians.
+    lambda_g: the weight of g.
+    extension: 'official' (easy_margin), 'fallback' (easy_margin=False, the th/mm of the
+      official code's other branch) or 'monotone' (`margins.target_logit`).
+
+  Returns:
+    (loss, aux): aux['theta_y'] (B,) radians, aux['margin'] (B,) m(a) in radians,
+    aux['g'] the unweighted regulariser mean_i g(a_i).
+  """
+  _check_family(embeddings, centres, labels, s, l_m=l_m, u_m=u_m)
+  if not 0 < l_a < u_a or not lambda_g >= 0:
+    raise ValueError(f"MagFace needs 0 < l_a < u_a and lambda_g >= 0, got l_a={l_a}, "
+                     f"u_a={u_a}, lambda_g={lambda_g}")
+  rule = _extension_rule(extension, "easy")
+  norm = _clamp(_feature_norm(embeddings.astype(jnp.float32)), l_a, u_a)
+  margin = (u_m - l_m) / (u_a - l_a) * (norm - l_a) + l_m
+  cos = _clamp(_unit_cosines(embeddings, centres), -1.0, 1.0)
+  is_target = _target_mask(labels, centres.shape[0])
+  cos_y = _pick(cos, is_target)
+  target = _arc_logit(cos_y, margin, rule)
+  g = jnp.mean(norm / u_a**2 + 1.0 / norm)
+  loss = _mean_cross_entropy(s * jnp.where(is_target, target[:, None], cos), is_target)
+  aux = {"theta_y": margins.angle(cos_y), "margin": margin, "g": g}
+  return loss + lambda_g * g, jax.lax.stop_gradient(aux)
+
+
+def adaface_loss(
+    embeddings: jax.Array, centres: jax.Array, labels: jax.Array,
+    norm_stats: tuple[jax.Array, jax.Array], *, s: float = 64.0, m: float = 0.4,
+    h: float = 0.333, t_alpha: float = 0.01,
+    extension: str = "official") -> tuple[jax.Array, dict[str, Any]]:
+  """AdaFace (Kim et al., CVPR 2022): a margin adapted to image quality, the feature norm
+  relative to its running mean and std.
+
+      n = clip(‖x‖, 0.001, 100)                                   (detached)
+      μ ← α·mean(n) + (1 − α)·μ,   σ ← α·std(n) + (1 − α)·σ     (unbiased std; no grad)
+      ẑ = clip(h·(n − μ)/(σ + 0.001), −1, 1)
+      target = cos(clip(θ_y − m·ẑ, 0.001, π − 0.001)) − (m + m·ẑ)
+
+  every cosine first clamped to [−1 + 0.001, 1 − 0.001]; mean cross-entropy of s times
+  the logits.
+
+  Official code: mk-minchul/AdaFace, head.py (`AdaFace.forward`, with net.py's backbone
+  returning x/‖x‖ and ‖x‖; train_val.py's CrossEntropyLoss): the EMA is updated from
+  this batch BEFORE it scales the margin; eps = 1e-3 throughout; buffers start at
+  μ = 20, σ = 100 (`ADAFACE_INITIAL_NORM_STATS`). Defaults from
+  scripts/run_ir101_ms1mv2.sh (m = 0.4, h = 0.333) and config.py (s = 64, t_alpha = 0.01).
+  The official arccos and cos of the non-target columns are the identity there (their
+  angles lie inside the clip) and are left out.
+
+  Args:
+    embeddings: (B, d) raw features, B ≥ 2 (the unbiased std of one norm is undefined),
+      any float dtype.
+    centres: (C, d) class centres.
+    labels: (B,) int in [0, C).
+    norm_stats: (μ, σ), two () floats, the state: `ADAFACE_INITIAL_NORM_STATS` at the start.
+    s, m, h: the scale, the margin (radians and cosine units), the concentration h.
+    t_alpha: the weight of this batch's statistics in the new (μ, σ).
+    extension: 'official' (the angle clipped at π − 0.001: a flat logit past it) or
+      'monotone' (`margins.target_logit`'s continuation past π).
+
+  Returns:
+    (loss, aux): aux['norm_stats'] the updated (μ, σ) (float32 scalars), aux['theta_y']
+    (B,) radians. Over devices, (μ, σ) are the statistics of the global batch.
+  """
+  _check_family(embeddings, centres, labels, s, m=m)
+  if embeddings.shape[0] < 2:
+    raise ValueError(f"AdaFace needs a batch of at least 2 (the std of the norms), "
+                     f"got {embeddings.shape[0]}")
+  if not 0.0 <= t_alpha <= 1.0 or not h >= 0:
+    raise ValueError(f"t_alpha must be in [0, 1] and h >= 0, got t_alpha={t_alpha}, h={h}")
+  rule = _extension_rule(extension, "clip", ("official", "monotone"))
+  eps = 1e-3
+  norms = jax.lax.stop_gradient(
+      jnp.clip(_feature_norm(embeddings.astype(jnp.float32)), 0.001, 100.0))
+  old_mean, old_std = (jnp.asarray(v, jnp.float32) for v in norm_stats)
+  mean = t_alpha * jnp.mean(norms) + (1.0 - t_alpha) * old_mean
+  std = t_alpha * jnp.std(norms, ddof=1) + (1.0 - t_alpha) * old_std
+  scaler = jnp.clip(h * (norms - mean) / (std + eps), -1.0, 1.0)
+  g_angular, g_additive = -m * scaler, m + m * scaler
+  raw_cos = _unit_cosines(embeddings, centres)
+  cos = _clamp(raw_cos, -1.0 + eps, 1.0 - eps)
+  is_target = _target_mask(labels, centres.shape[0])
+  theta = jnp.arccos(_pick(cos, is_target)) + g_angular
+  if rule == "clip":
+    target = jnp.cos(_clamp(theta, eps, jnp.pi - eps)) - g_additive
+  else:
+    target = margins.target_logit(_clamp(theta, eps, jnp.inf), m3=g_additive)
+  loss = _mean_cross_entropy(s * jnp.where(is_target, target[:, None], cos), is_target)
+  theta_y = jax.lax.stop_gradient(margins.angle(_pick(raw_cos, is_target)))
+  return loss, {"norm_stats": (mean, std), "theta_y": theta_y}
+
+
+def elasticface_loss(
+    embeddings: jax.Array, centres: jax.Array, labels: jax.Array, key: jax.Array, *,
+    s: float = 64.0, m: float | None = None, sigma: float = 0.05, kind: str = "arc",
+    extension: str = "official") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ElasticFace (Boutros et al., CVPRW 2022): ArcFace or CosFace with a margin drawn per
+  sample from N(m, σ²) at every step.
+
+      m_i ~ N(m, σ²);   target = cos(θ_y + m_i) ('arc')  or  cos θ_y − m_i ('cos')
+
+  Official code: fdbtrs/ElasticFace, utils/losses.py (`ElasticArcFace`, `ElasticCosFace`,
+  plus=False): cosines clamped to [−1, 1], one margin per row from torch.normal (not
+  clipped), cos(arccos(cos θ_y) + m_i) with no fallback past π. Defaults from
+  config/config.py: 'arc' m = 0.5, 'cos' m = 0.35 (`ELASTICFACE_MARGINS`), σ = 0.05 and
+  s = 64 for both; m left None takes its kind's value. The '+' variant (margins sorted
+  against the target cosines) is not reproduced.
+
+  Departure: the official arccos then cos of the non-target columns is the identity and
+  is left out (its gradient is NaN at |cos| = 1); the target's gradient stays finite
+  there.
+
+  Args:
+    embeddings: (B, d) raw features, any float dtype.
+    centres: (C, d) class centres.
+    labels: (B,) int in [0, C).
+    key: PRNG key of the step's margins (the same key draws the same margins).
+    s: the scale.
+    m: the margin's mean (radians for 'arc', cosine units for 'cos'); None: the kind's
+      official value, 0.5 for 'arc', 0.35 for 'cos'.
+    sigma: the margin's standard deviation (the official 0.05 for both kinds).
+    kind: 'arc' (ElasticArcFace) or 'cos' (ElasticCosFace).
+    extension: 'arc': 'official' (cos(θ_y + m_i) as it is), 'fallback' or 'monotone'
+      (see `EXTENSIONS`); 'cos' takes 'official' or 'monotone', the same there
+      (cos θ − m_i is monotone already).
+
+  Returns:
+    (loss, aux): aux['margin'] (B,) the margins drawn, aux['theta_y'] (B,) radians.
+  """
+  if kind not in ELASTICFACE_MARGINS:
+    raise ValueError(f"kind must be one of {tuple(ELASTICFACE_MARGINS)}, got {kind!r}")
+  m = ELASTICFACE_MARGINS[kind] if m is None else m
+  _check_family(embeddings, centres, labels, s, m=m)
+  if not sigma >= 0:
+    raise ValueError(f"sigma must be >= 0, got sigma={sigma}")
+  rule = _extension_rule(extension, "none", EXTENSIONS if kind == "arc" else
+                         ("official", "monotone"))
+  margin = m + sigma * jax.random.normal(key, labels.shape, jnp.float32)
+  cos = _clamp(_unit_cosines(embeddings, centres), -1.0, 1.0)
+  is_target = _target_mask(labels, centres.shape[0])
+  cos_y = _pick(cos, is_target)
+  target = _arc_logit(cos_y, margin, rule) if kind == "arc" else cos_y - margin
+  loss = _mean_cross_entropy(s * jnp.where(is_target, target[:, None], cos), is_target)
+  return loss, {"margin": margin, "theta_y": jax.lax.stop_gradient(margins.angle(cos_y))}
 
 
 def loss_config(preset: str = "arcface", **overrides) -> ml_collections.ConfigDict:
