@@ -48,11 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
   args = parser.parse_args(argv)
   with errors.report_errors(traceback=args.traceback):
-    from arcjax import evaluation  # pylint: disable=import-outside-toplevel
+    from arcjax import verification  # pylint: disable=import-outside-toplevel
     bins = [path for path in args.bins.split(",") if path]
     step, results = evaluate(args.workdir, args.step, bins)
     print(f"verification of {args.workdir} at step {step}:")
-    print(evaluation.format_table(results))
+    print(verification.format_table(results))
   return 0
 
 

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 
 from arcjax import errors
-from arcjax import evaluation
 from arcjax import models
+from arcjax import verification
 from arcjax import workdir
 from arcjax.data import folders, pipeline
 
@@ -112,7 +112,7 @@ class Run:
     if not len(images):
       return np.zeros((0, self.centres.shape[1]), np.float32)
     batch = batch_size_for(batch_size or self.config.eval.batch_size, len(images))
-    return evaluation.embed_images(
+    return verification.embed_images(
         lambda x: self.embed_fn(self.variables, x), images, batch_size=batch,
         flip=self.config.eval.flip if flip is None else flip).astype(np.float32)
 
