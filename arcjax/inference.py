@@ -24,7 +24,7 @@ from arcjax import errors
 from arcjax import models
 from arcjax import verification
 from arcjax import workdir
-from arcjax.data import folders, pipeline
+from arcjax.data import images as image_ops
 
 # What a run's checkpoints hold besides the optimiser state: all that inference needs.
 MODEL_KEYS = ("params", "batch_stats", "head")
@@ -57,7 +57,7 @@ def _as_uint8(image: Any, index: int) -> np.ndarray:
       raise errors.DataError(f"image {index}: {image} does not exist") from None
   if isinstance(image, (bytes, bytearray)):
     try:
-      return folders.decode_image(bytes(image))
+      return image_ops.decode_image(bytes(image))
     except ValueError as error:
       raise errors.DataError(f"image {index}: {error}") from None
   image = np.asarray(image)
@@ -78,11 +78,8 @@ def preprocess(images: Images, image_shape: tuple[int, int, int]) -> np.ndarray:
     images = list(images)
   out = np.empty((len(images), height, width, channels), np.uint8)
   for i, image in enumerate(images):
-    image = pipeline.resize_image(_as_uint8(image, i), (height, width))
-    if image.shape[2] != channels:
-      image = (np.repeat(image, channels, axis=2) if image.shape[2] == 1 else
-               np.rint(image.mean(axis=2, keepdims=True)).astype(np.uint8))
-    out[i] = image
+    out[i] = image_ops.with_channels(image_ops.resize_image(_as_uint8(image, i), (height, width)),
+                                     channels)
   return out
 
 
