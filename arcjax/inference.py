@@ -113,6 +113,18 @@ class Run:
         lambda x: self.embed_fn(self.variables, x), images, batch_size=batch,
         flip=self.config.eval.flip if flip is None else flip).astype(np.float32)
 
+  def features(self, images: Images, *, batch_size: int | None = None,
+               flip: bool = False) -> np.ndarray:
+    """The backbone's raw outputs for `images` (as `embed` takes them), before L2 normalisation.
+
+    (N, d) float32, or with `flip` (N, 2, d): each image's, then its mirror's.
+    What insightface's IJB protocol pools, where a feature's norm may weigh it.
+    """
+    images = preprocess(images, self.image_shape)
+    batch = batch_size_for(batch_size or self.config.eval.batch_size, len(images))
+    return verification.model_outputs(lambda x: self.embed_fn(self.variables, x), images,
+                                      batch_size=batch, flip=flip).astype(np.float32)
+
 
 def load_run(directory: str | os.PathLike, step: int | None = None) -> Run:
   """The run in `directory` (local or gs://) at checkpoint `step` (default: the latest)."""

@@ -306,6 +306,16 @@ def test_embed_images_batches_pads_and_fuses_flips_only_when_asked(flip):
                              rtol=1e-12)
 
 
+def test_model_outputs_are_raw_and_keep_each_mirror_beside_its_image():
+  images = np.random.default_rng(7).integers(0, 256, (5, 3, 4, 1), dtype=np.uint8)
+  raw = verification.model_outputs(_toy_embed, images, batch_size=2)
+  np.testing.assert_array_equal(raw, _toy_embed(images))   # not normalised
+  both = verification.model_outputs(_toy_embed, images, batch_size=2, flip=True)
+  assert both.shape == (5, 2, 8)
+  np.testing.assert_array_equal(both[:, 0], _toy_embed(images))
+  np.testing.assert_array_equal(both[:, 1], _toy_embed(images[:, :, ::-1]))
+
+
 def test_verification_table_rows_and_the_note_on_a_collapsed_model():
   results = {"holdout": {"accuracy": 0.9303, "accuracy_std": 0.0097, "auc": 0.98,
                          "val_at_far_1e-3": 0.61, "tar_at_far_1e-4": 0.42},
