@@ -11,7 +11,7 @@ embeddings: the mean direction of the class, which unnormalised features
 
 import numpy as np
 
-from arcjax.evaluation import unit_rows
+from arcjax.verification import unit_rows
 
 # Rows of an (rows, C) cosine matrix computed at once: bounds the float64
 # scratch of nearest-angle searches to 128 MiB for any number of classes.

@@ -21,7 +21,7 @@ _CHUNK = 2048  # images decoded at a time
 
 def image_files(folder: str | os.PathLike) -> list[str]:
   """Paths of the image files under `folder`, relative to it, sorted (hidden entries skipped)."""
-  from arcjax.data.folders import IMAGE_SUFFIXES  # pylint: disable=import-outside-toplevel
+  from arcjax.data.images import IMAGE_SUFFIXES  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(folder):
     raise errors.DataError(f"--images {folder} is not a folder")
   found = []

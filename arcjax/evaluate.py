@@ -1,11 +1,19 @@
-"""Evaluates any checkpoint of a run on verification data, as the trainer does.
+"""Evaluates any checkpoint of a run on verification data, as the trainer does, or on IJB.
 
   python -m arcjax.evaluate --workdir=runs/default [--step=N] [--bins=lfw.bin,cfp_fp.bin]
+  python -m arcjax.evaluate --workdir=runs/default [--step=N] --ijb=IJB_release/IJBC [--ijb-name=…]
 
 With no --bins, the run's own evaluation sets (its held-out identities and the
 .bin files of its config); the numbers for the final step equal those in its
 results.json. Prints the verification table and writes it to
 <workdir>/evaluations/step<N>.json.
+
+With --ijb, insightface's IJB-B or IJB-C folder (`arcjax.data.ijb`): every face
+aligned and embedded (the run's preprocessing, its raw features and its
+mirror's), then insightface's protocol (`arcjax.ijb`): TAR at FAR 1e-6 … 1e-1
+of the template pairs in each of its test modes, and 1:N identification where
+the folder has its lists. Prints the table, writes
+<workdir>/evaluations/<name>_step<N>.json and the ROC beside it (_roc.png).
 """
 
 import argparse
@@ -38,6 +46,56 @@ def evaluate(workdir_path: str, step: int | None = None,
   return run.step, results
 
 
+def _ijb_source(meta) -> dict[str, str]:
+  """What an IJB record was computed from: the folder and a hash of its meta files."""
+  from arcjax.data import ijb as ijb_data  # pylint: disable=import-outside-toplevel
+  return {"path": str(meta.root.resolve()), "sha256": ijb_data.meta_sha256(meta),
+          "hashed": ", ".join(path.name for path in meta.meta_files)}
+
+
+def evaluate_ijb(workdir_path: str, folder: str, name: str | None = None,
+                 step: int | None = None) -> tuple[dict, str, str]:
+  """insightface's IJB evaluation of a run's checkpoint: (the record, its table, its path).
+
+  `folder`: insightface's IJB-B or IJB-C folder (relative: from the data root,
+  as `data.path`); `name`: 'IJBB' or 'IJBC', by default the folder's name.
+  Everything is read and checked before the first image is embedded; a record
+  of another folder at the same place is never overwritten.
+  """
+  # pylint: disable=import-outside-toplevel  (a bad flag is reported before these load)
+  import pathlib
+  from arcjax import data, ijb, inference, workdir
+  from arcjax.data import ijb as ijb_data
+  if "://" in folder:
+    raise errors.DataError(f"--ijb {folder}: the IJB folder must be on a local disk")
+  root = pathlib.Path(data.resolve(folder))
+  name = name or root.name.upper()
+  if name not in ijb_data.NAMES:
+    raise errors.ConfigError(f"--ijb {folder}: name the set with --ijb-name "
+                             f"({' or '.join(ijb_data.NAMES)})")
+  meta = ijb_data.read_meta(root, name)
+  source = _ijb_source(meta)
+  run = inference.load_run(workdir_path, step)
+  path = workdir.as_path(workdir_path) / workdir.EVALUATIONS / f"{name}_step{run.step}.json"
+  if path.exists():
+    held = workdir.read_json(path).get("source", {})
+    if (held.get("path"), held.get("sha256")) != (source["path"], source["sha256"]):
+      raise errors.WorkdirError(
+          f"{path} holds the {name} evaluation of another folder ({held.get('path')}, "
+          f"meta sha256 {str(held.get('sha256'))[:12]}…); move it away to evaluate {root}")
+  ijb_data.check_images(meta)
+  batch = run.config.eval.batch_size
+  features = ijb.face_features(lambda faces: run.features(faces, batch_size=batch, flip=True),
+                               meta, chunk_size=batch * max(1, 2048 // batch))
+  results = ijb.evaluate(features, meta)
+  record = {"step": run.step, "ijb": name, "source": source, **ijb.record(results)}
+  png = path.parent / f"{name}_step{run.step}_roc.png"
+  png.parent.mkdir(parents=True, exist_ok=True)
+  png.write_bytes(ijb.roc_png(results, f"{name} 1:1, {workdir_path} step {run.step}"))
+  workdir.write_json(path, record)
+  return record, ijb.format_table(results), str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m arcjax.evaluate",
                                    description=__doc__.split("\n\n")[0])
@@ -45,14 +103,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--step", type=int, help="the checkpoint to evaluate (default: the latest)")
   parser.add_argument("--bins", default="",
                       help="comma-separated verification .bin files instead of the run's sets")
+  parser.add_argument("--ijb", help="insightface's IJB-B or IJB-C folder (meta/, loose_crop/) "
+                      "to evaluate on instead")
+  parser.add_argument("--ijb-name", choices=("IJBB", "IJBC"),
+                      help="which IJB set --ijb holds (default: the folder's name)")
   parser.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
   args = parser.parse_args(argv)
   with errors.report_errors(traceback=args.traceback):
-    from arcjax import evaluation  # pylint: disable=import-outside-toplevel
+    if args.ijb_name and not args.ijb:
+      raise errors.ConfigError("--ijb-name names the set of an --ijb folder; give --ijb")
+    if args.ijb:
+      if args.bins:
+        raise errors.ConfigError("--ijb and --bins are two evaluations; run them one at a time")
+      record, table, path = evaluate_ijb(args.workdir, args.ijb, args.ijb_name, args.step)
+      print(f"{record['ijb']} of {args.workdir} at step {record['step']}:")
+      print(table)
+      print(f"wrote {path} and the ROC beside it")
+      return 0
+    from arcjax import verification  # pylint: disable=import-outside-toplevel
     bins = [path for path in args.bins.split(",") if path]
     step, results = evaluate(args.workdir, args.step, bins)
     print(f"verification of {args.workdir} at step {step}:")
-    print(evaluation.format_table(results))
+    print(verification.format_table(results))
   return 0
 
 

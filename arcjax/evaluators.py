@@ -16,9 +16,9 @@ import numpy as np
 
 from arcjax import angles
 from arcjax import errors
-from arcjax import evaluation
 from arcjax import inference
 from arcjax import losses
+from arcjax import verification
 from arcjax import workdir
 from arcjax.data import pipeline
 
@@ -51,14 +51,14 @@ def check_config(eval_config: Any, angles_config: Any) -> None:
 
 def verify_sets(embed, variables, eval_sets: dict, *, batch_size: int,
                 flip: bool) -> dict[str, dict[str, float]]:
-  """`evaluation.verification_summary` of every pair set: {set: scalars}."""
+  """`verification.verification_summary` of every pair set: {set: scalars}."""
   results = {}
   for name, pair_set in eval_sets.items():
-    embeddings = evaluation.embed_images(lambda x: embed(variables, x), pair_set.images,
-                                         batch_size=batch_size, flip=flip)
-    verified = evaluation.verify(embeddings[pair_set.pairs[:, 0]],
-                                 embeddings[pair_set.pairs[:, 1]], pair_set.issame)
-    results[name] = evaluation.verification_summary(verified)
+    embeddings = verification.embed_images(lambda x: embed(variables, x), pair_set.images,
+                                           batch_size=batch_size, flip=flip)
+    verified = verification.verify(embeddings[pair_set.pairs[:, 0]],
+                                   embeddings[pair_set.pairs[:, 1]], pair_set.issame)
+    results[name] = verification.verification_summary(verified)
   return results
 
 
@@ -70,8 +70,8 @@ def pixel_baseline(eval_sets: dict) -> dict[str, dict[str, float]]:
   results = {}
   for name, pair_set in eval_sets.items():
     flat = np.asarray(pair_set.images, np.float64).reshape(len(pair_set.images), -1)
-    verified = evaluation.verify(flat[pair_set.pairs[:, 0]], flat[pair_set.pairs[:, 1]],
-                                 pair_set.issame)
+    verified = verification.verify(flat[pair_set.pairs[:, 0]], flat[pair_set.pairs[:, 1]],
+                                   pair_set.issame)
     results[name] = {key: verified[key] for key in ("accuracy", "accuracy_std", "auc")}
   return results
 
@@ -128,8 +128,8 @@ class Angles:
     return len(self._images) > 0 and (final or step in self._steps)
 
   def _embeddings(self, view: ModelView, images: np.ndarray) -> np.ndarray:
-    return evaluation.embed_images(lambda x: self._embed(view.variables, x), images,
-                                   batch_size=self._batch, flip=False)
+    return verification.embed_images(lambda x: self._embed(view.variables, x), images,
+                                     batch_size=self._batch, flip=False)
 
   def __call__(self, view: ModelView, final: bool = False) -> dict[str, float | None]:
     embeddings = self._embeddings(view, self._images)
@@ -191,7 +191,7 @@ class Evaluators:
       title = f"final verification (step {view.step})" if final else (
           f"step {view.step} verification")
       self._progress.write(f"{title}:\n"
-                           + evaluation.format_table(self.eval_results, self.baseline))
+                           + verification.format_table(self.eval_results, self.baseline))
     if self._angles.due(view.step, final):
       stats = self._angles(view, final=final)
       if final:

@@ -21,10 +21,10 @@ import ml_collections
 import numpy as np
 
 from arcjax import errors
-from arcjax import evaluation
 from arcjax import models
+from arcjax import verification
 from arcjax import workdir
-from arcjax.data import folders, pipeline
+from arcjax.data import images as image_ops
 
 # What a run's checkpoints hold besides the optimiser state: all that inference needs.
 MODEL_KEYS = ("params", "batch_stats", "head")
@@ -57,7 +57,7 @@ def _as_uint8(image: Any, index: int) -> np.ndarray:
       raise errors.DataError(f"image {index}: {image} does not exist") from None
   if isinstance(image, (bytes, bytearray)):
     try:
-      return folders.decode_image(bytes(image))
+      return image_ops.decode_image(bytes(image))
     except ValueError as error:
       raise errors.DataError(f"image {index}: {error}") from None
   image = np.asarray(image)
@@ -78,11 +78,8 @@ def preprocess(images: Images, image_shape: tuple[int, int, int]) -> np.ndarray:
     images = list(images)
   out = np.empty((len(images), height, width, channels), np.uint8)
   for i, image in enumerate(images):
-    image = pipeline.resize_image(_as_uint8(image, i), (height, width))
-    if image.shape[2] != channels:
-      image = (np.repeat(image, channels, axis=2) if image.shape[2] == 1 else
-               np.rint(image.mean(axis=2, keepdims=True)).astype(np.uint8))
-    out[i] = image
+    out[i] = image_ops.with_channels(image_ops.resize_image(_as_uint8(image, i), (height, width)),
+                                     channels)
   return out
 
 
@@ -112,9 +109,21 @@ class Run:
     if not len(images):
       return np.zeros((0, self.centres.shape[1]), np.float32)
     batch = batch_size_for(batch_size or self.config.eval.batch_size, len(images))
-    return evaluation.embed_images(
+    return verification.embed_images(
         lambda x: self.embed_fn(self.variables, x), images, batch_size=batch,
         flip=self.config.eval.flip if flip is None else flip).astype(np.float32)
+
+  def features(self, images: Images, *, batch_size: int | None = None,
+               flip: bool = False) -> np.ndarray:
+    """The backbone's raw outputs for `images` (as `embed` takes them), before L2 normalisation.
+
+    (N, d) float32, or with `flip` (N, 2, d): each image's, then its mirror's.
+    What insightface's IJB protocol pools, where a feature's norm may weigh it.
+    """
+    images = preprocess(images, self.image_shape)
+    batch = batch_size_for(batch_size or self.config.eval.batch_size, len(images))
+    return verification.model_outputs(lambda x: self.embed_fn(self.variables, x), images,
+                                      batch_size=batch, flip=flip).astype(np.float32)
 
 
 def load_run(directory: str | os.PathLike, step: int | None = None) -> Run:

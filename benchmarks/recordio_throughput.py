@@ -24,7 +24,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from arcjax.data.folders import decode_image
+from arcjax.data.images import decode_image
 from arcjax.data.pipeline import batches
 from arcjax.data.recordio import RecordIOSource, write_recordio
 

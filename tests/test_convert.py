@@ -16,7 +16,7 @@ import pytest
 from arcjax import data
 from arcjax import errors
 from arcjax.data import convert
-from arcjax.data.folders import decode_image, fit_geometry, fit_image
+from arcjax.data.images import decode_image, fit_geometry, fit_image
 from arcjax.data.pairs import read_bin, read_bin_labels
 from arcjax.data.recordio import RecordIOSource
 

@@ -1,24 +1,15 @@
-"""Image folders (one leaf folder per identity) and the shared image decoder."""
-
-import io
+"""Image folders (one leaf folder per identity)."""
 
 import numpy as np
 from PIL import Image
 import pytest
 
-from arcjax.data.folders import ImageFolderSource, decode_image
+from arcjax.data.folders import ImageFolderSource
 
 
 def _save(path, image, **kwargs):
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(image).save(path, **kwargs)
-
-
-def _encode(image, mode=None, format="PNG"):
-  buffer = io.BytesIO()
-  pil = Image.fromarray(image) if mode is None else Image.fromarray(image).convert(mode)
-  pil.save(buffer, format=format)
-  return buffer.getvalue()
 
 
 @pytest.fixture
@@ -93,27 +84,6 @@ def test_unreadable_image_names_file(tmp_path):
   assert source[0][0].shape == (2, 2, 1)
   with pytest.raises(ValueError, match=r"a/1\.png: cannot decode image \(14 bytes\)"):
     source[1]
-
-
-def test_decode_modes():
-  rng = np.random.default_rng(1)
-  grey = rng.integers(0, 256, (4, 3), dtype=np.uint8)
-  rgb = rng.integers(0, 256, (4, 3, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(decode_image(_encode(grey)), grey[..., None])
-  np.testing.assert_array_equal(decode_image(_encode(rgb)), rgb)
-  np.testing.assert_array_equal(decode_image(_encode(rgb, "RGBA")), rgb)  # alpha dropped
-  np.testing.assert_array_equal(decode_image(_encode(grey, format="PPM")), grey[..., None])
-  bits = (grey > 127).astype(np.uint8) * 255
-  np.testing.assert_array_equal(decode_image(_encode(bits, "1")), bits[..., None])  # 1-bit -> 0/255
-  palette = decode_image(_encode(rgb, "P"))
-  assert palette.shape == (4, 3, 3) and palette.dtype == np.uint8
-  wide = Image.fromarray(np.full((2, 2), 4000, np.uint16))
-  buffer = io.BytesIO()
-  wide.save(buffer, format="PNG")
-  with pytest.raises(ValueError, match="unsupported image mode 'I;16'"):
-    decode_image(buffer.getvalue())
-  with pytest.raises(ValueError, match=r"cannot decode image \(3 bytes\)"):
-    decode_image(b"abc")
 
 
 def test_orl(shared_datasets):

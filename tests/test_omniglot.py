@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from arcjax import data, errors
-from arcjax.data import folders, omniglot
+from arcjax.data import images, omniglot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PATIENCE = 900  # seconds a slow, shared CI machine may take (not a speed assertion)
@@ -52,10 +52,10 @@ def test_each_image_is_its_file_in_the_zip(embedded):
     members = sorted(m for m in archive.namelist() if m.startswith(
         "images_background_small2/Tagalog/character03/") and m.endswith(".png"))
     label = embedded.identity_names.index("Tagalog/character03")
-    images = embedded.images[embedded.labels == label]
+    drawings = embedded.images[embedded.labels == label]
     assert len(members) == 20
-    for member, image in zip(members, images):
-      np.testing.assert_array_equal(image, folders.decode_image(archive.read(member)))
+    for member, image in zip(members, drawings):
+      np.testing.assert_array_equal(image, images.decode_image(archive.read(member)))
 
 
 def test_the_shared_folder_copy_reads_the_same(embedded, shared_datasets):

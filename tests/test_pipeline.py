@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from arcjax.data.pipeline import batches, load_images, resize_image
+from arcjax.data.images import resize_image
+from arcjax.data.pipeline import batches, load_images
 from arcjax.data.sources import ArraySource
 
 N = 100

@@ -25,6 +25,9 @@ README = {
     "python -m arcjax.evaluate --workdir=runs/default": ("", 0, "verification of runs/default"),
     "python -m arcjax.embed --workdir=runs/default --images=arcjax/data/omniglot/"
     "images_background_small2.zip --out=runs/default_embeddings": ("", 0, "3120 embeddings"),
+    # Needs insightface's IJB-C folder, which a fresh machine has not: one line.
+    "python -m arcjax.evaluate --workdir=runs/default --ijb=IJB_release/IJBC":
+        ("", 1, "IJB_release/IJBC must hold meta/ and loose_crop/"),
     "python -m arcjax.main --config=configs/ablations.py:arcface --workdir=runs/arcface":
         (SHORT, 0, "final verification (step 20)"),
     "python -m experiments.launch --grid=configs/ablations.py:table5 --workdir=runs/cpu --seeds=3 "

@@ -9,7 +9,8 @@ from PIL import Image
 import pytest
 
 from arcjax import errors
-from arcjax.data.folders import ImageFolderSource, decode_image
+from arcjax.data.folders import ImageFolderSource
+from arcjax.data.images import decode_image
 from arcjax.data.recordio import (RecordIOError, RecordIOSource, folder_to_recordio, recordio_paths,
                                   write_recordio)
 

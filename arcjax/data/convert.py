@@ -22,7 +22,7 @@ order of their folder names. The split and the pairs are the ones `data.name=
 'folder'` draws on the same folder with `num_holdout_identities=N`,
 `pairs_seed=--seed` and `max_pairs=--max-pairs` (`sources.open_set_split`,
 then `pairs.make_verification_pairs`). Images of another size than `--size`
-are brought to it by `--fit` (geometry: `folders.fit_geometry`). The outputs
+are brought to it by `--fit` (geometry: `images.fit_geometry`). The outputs
 appear together once all are written; existing ones are never replaced
 without `--overwrite`.
 """
@@ -41,7 +41,8 @@ import tqdm
 from arcjax import errors
 from arcjax.data import pairs
 from arcjax.data import recordio
-from arcjax.data.folders import FITS, ImageFolderSource, fit_file, unpacked
+from arcjax.data.folders import ImageFolderSource, unpacked
+from arcjax.data.images import FITS, fit_file
 from arcjax.data.sources import Subset, open_set_split
 
 # --format: the PIL format to re-encode every image as; 'keep' (None) keeps each file's bytes

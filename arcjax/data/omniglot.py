@@ -25,7 +25,8 @@ import numpy as np
 
 from arcjax import errors
 from arcjax.data import staging
-from arcjax.data.folders import IMAGE_SUFFIXES, ImageFolderSource, decode_image
+from arcjax.data.folders import ImageFolderSource
+from arcjax.data.images import IMAGE_SUFFIXES, decode_image
 from arcjax.data.sources import ArraySource
 
 EMBEDDED = pathlib.Path(__file__).resolve().parent / "omniglot"

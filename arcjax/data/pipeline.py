@@ -22,24 +22,13 @@ from typing import Any
 import weakref
 
 import numpy as np
-from PIL import Image
 
+from arcjax.data.images import resize_image
 from arcjax.data.sources import Source, read_many
 
 # Stream ids keep the random streams of one seed apart.
 _UNIFORM_STREAM, _PK_STREAM, _FLIP_STREAM = 0, 1, 2
 SAMPLERS = ("uniform", "pk")
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """`image: (h, w, C) uint8` resized to `size = (H, W)` with PIL's bilinear filter (antialiased)."""
-  height, width = size
-  if image.shape[:2] == (height, width):
-    return image
-  channels = image.shape[2]
-  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-  resized = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR))
-  return resized.reshape(height, width, channels)
 
 
 def _checked(image: np.ndarray, index: int, image_size: tuple[int, int] | None) -> np.ndarray:

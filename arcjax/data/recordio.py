@@ -23,7 +23,6 @@ float32, exact only up to 2**24 (16 777 216); `RecordIOSource.labels` are int64.
 
 from collections.abc import Iterable, Iterator, Sequence
 import contextlib
-import io
 import mmap
 import os
 import pathlib
@@ -32,10 +31,10 @@ import struct
 import tempfile
 
 import numpy as np
-from PIL import Image
 
 from arcjax import errors
-from arcjax.data.folders import ImageFolderSource, decode_image, fit_file
+from arcjax.data.folders import ImageFolderSource
+from arcjax.data.images import decode_image, encoded_size, fit_file
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -271,10 +270,9 @@ def _write_record(f, payload: bytes) -> None:
 def _check_image(encoded: bytes, image_size: tuple[int, int], what: str) -> None:
   """Raises `errors.DataError` naming `what` unless `encoded` is an image of `image_size = (H, W)`."""
   try:
-    with Image.open(io.BytesIO(encoded)) as image:
-      width, height = image.size  # reads the header only
-  except OSError as error:
-    raise errors.DataError(f"{what}: not an encoded image ({error})") from error
+    height, width = encoded_size(encoded)
+  except errors.DataError as error:
+    raise errors.DataError(f"{what}: {error}") from error
   if (height, width) != tuple(image_size):
     raise errors.DataError(f"{what}: image is {height}x{width} (HxW), expected "
                            f"{image_size[0]}x{image_size[1]}")
@@ -393,10 +391,10 @@ def folder_items(paths: Sequence[str | os.PathLike], labels: Sequence[int] | np.
                  image_format: str | None = None) -> Iterator[tuple[bytes, int]]:
   """`(bytes to store, label)` of the image files `paths: (N,)` with `labels: (N,)`, to write.
 
-  Each file goes through `folders.fit_file(path, image_size, fit=, image_format=)`:
+  Each file goes through `images.fit_file(path, image_size, fit=, image_format=)`:
   `image_format` None keeps a file's bytes when the image has `image_size`
   already (fitted images become PNG), 'JPEG' (quality 95) or 'PNG'
-  re-encodes all; `fit` ('pad' | 'resize' | 'crop', see `folders.fit_geometry`)
+  re-encodes all; `fit` ('pad' | 'resize' | 'crop', see `images.fit_geometry`)
   brings other sizes to `image_size`, which are refused when it is None.
   Errors name the file.
   """
@@ -417,7 +415,6 @@ def folder_to_recordio(root: str | os.PathLike, path: str | os.PathLike, *,
   """
   source = ImageFolderSource(root)
   if image_size is None:
-    with Image.open(source.paths[0]) as first:
-      image_size = (first.size[1], first.size[0])
+    image_size = encoded_size(source.encoded(0))
   items = folder_items(source.paths, source.labels, image_size, fit=fit, image_format=image_format)
   return write_recordio(path, items, image_size, overwrite=overwrite)

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from arcjax.data.images import decode_image
+
 
 class Source(Protocol):
   """The source contract (see the module docstring)."""
@@ -145,7 +147,6 @@ class EncodedImages:
     return len(self._encoded)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-    from arcjax.data.folders import decode_image  # pylint: disable=import-outside-toplevel
     try:
       return decode_image(self._encoded[index]), 0
     except ValueError as error:

@@ -306,23 +306,22 @@ def identification_rank1(gallery_emb: np.ndarray, gallery_labels: np.ndarray,
   return float(np.mean(gallery_labels[nearest] == probe_labels))
 
 
-def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, *,
-                 batch_size: int, flip: bool) -> np.ndarray:
-  """Embeddings of uint8 images as unit rows, in batches of one fixed shape.
+def model_outputs(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, *,
+                  batch_size: int, flip: bool = False) -> np.ndarray:
+  """The raw outputs of `embed_fn` on uint8 images, in batches of one fixed shape.
 
   Args:
     embed_fn: uint8 (B, H, W, C) -> (B, d), e.g. a jitted model apply that
       normalises the images itself. Always called with B = `batch_size` (the
-      last batch is padded with black images, whose embeddings are dropped), so
+      last batch is padded with black images, whose outputs are dropped), so
       a jitted function compiles once.
     images: (N, H, W, C) uint8.
     batch_size: images per call.
-    flip: also embed each horizontal flip and fuse the two (`fuse_flip`), as
-      insightface evaluates faces; False for data whose mirror image is another
-      identity (a mirrored character is another character).
+    flip: also embed each image's horizontal mirror.
 
   Returns:
-    (N, d) float64 unit rows.
+    (N, d) as `embed_fn` gives them (not normalised), or with `flip` (N, 2, d):
+    row i holds image i's output, then its mirror's.
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[0] == 0:
@@ -348,8 +347,27 @@ def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarra
                          f"({batch_size}, d) embeddings, got shape {emb.shape}")
       out.append(emb[:count])
   if flip:
-    return fuse_flip(np.concatenate(outputs[0]), np.concatenate(outputs[1]))
-  return unit_rows(np.concatenate(outputs[0]), "embeddings")
+    return np.stack([np.concatenate(outputs[0]), np.concatenate(outputs[1])], axis=1)
+  return np.concatenate(outputs[0])
+
+
+def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray, *,
+                 batch_size: int, flip: bool) -> np.ndarray:
+  """Embeddings of uint8 images as unit rows, in batches of one fixed shape (`model_outputs`).
+
+  Args:
+    embed_fn, images, batch_size: as for `model_outputs`.
+    flip: also embed each horizontal flip and fuse the two (`fuse_flip`), as
+      insightface evaluates faces; False for data whose mirror image is another
+      identity (a mirrored character is another character).
+
+  Returns:
+    (N, d) float64 unit rows.
+  """
+  outputs = model_outputs(embed_fn, images, batch_size=batch_size, flip=flip)
+  if flip:
+    return fuse_flip(outputs[:, 0], outputs[:, 1])
+  return unit_rows(outputs, "embeddings")
 
 
 # The scalars of `verify` that a run records for each verification set.
