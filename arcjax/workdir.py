@@ -10,6 +10,11 @@ A run is its config plus its workdir. The workdir holds:
   angles/, histograms/, images/   θ records and what also goes to wandb
   evaluations/          what `python -m arcjax.evaluate` wrote
   angle_stats.json, results.json  written last
+  init_from.json        a run started from another run's backbone (config.train.init_from):
+                        that run, its step, the SHA-256 of what was loaded, whether the
+                        centres came too
+  imported.json         a workdir made by `python -m arcjax.from_onnx`: the ONNX file, its
+                        SHA-256, the architecture found, where the normalisation came from
 
 A workdir is any path `etils.epath` reaches: a local folder (relative paths are
 taken from the current directory) or a bucket (`gs://bucket/run`). Every file a
@@ -47,6 +52,8 @@ IMAGES = "images"
 EVALUATIONS = "evaluations"
 ANGLE_STATS = "angle_stats.json"
 RESULTS = "results.json"
+INIT_FROM = "init_from.json"
+IMPORTED = "imported.json"
 LAUNCH_LOG = "launch.log"
 SLURM_SCRIPT = "slurm.sbatch"  # what `experiments.launch --target=slurm` submits
 # Files that only a run's workdir holds: a folder with none of them is not a run.
@@ -519,17 +526,20 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def restore_arrays(self, step: int, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict]:
+  def restore_arrays(self, step: int, keys: tuple[str, ...],
+                     optional: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict]:
     """(the state's entries `keys` as NumPy arrays, meta) of checkpoint `step`, on this host.
 
     For inference: reads only those entries (not the optimiser state), whatever
-    device layout they were saved from.
+    device layout they were saved from. Keys in `optional` may be absent (an
+    imported model has no centres).
     """
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
     ocp = self._ocp
     tree = self._manager.item_metadata(step)["state"]
     tree = getattr(tree, "tree", tree)
+    keys = tuple(key for key in keys if key in tree or key not in optional)
     missing = [key for key in keys if key not in tree]
     if missing:
       raise errors.WorkdirError(f"checkpoint {step} in {self.directory / CHECKPOINTS} has no "
