@@ -331,6 +331,16 @@ class _Matcher:
     return {}
 
 
+def _shortest(estimate: float, constant: float, as_constant=lambda v: v) -> float:
+  """The shortest decimal v near `estimate` whose float32 `as_constant(v)` is the graph's
+  float32 `constant`: the mean or std as a config would say it (127.5, not 127.50000298)."""
+  for digits in range(1, 17):
+    candidate = float(f"{estimate:.{digits}g}")
+    if np.float32(as_constant(candidate)) == np.float32(constant):
+      return candidate
+  return float(estimate)
+
+
 def _normalization(graph: _Graph) -> tuple[str, tuple[float, float] | None, set[int]]:
   """(the tensor after any leading Sub/Mul/Div by constants, (mean, std) or None, their nodes)."""
   tensor, mean, scale, used = graph.input.name, 0.0, 1.0, set()
@@ -355,7 +365,7 @@ def _normalization(graph: _Graph) -> tuple[str, tuple[float, float] | None, set[
     tensor = node.output[0]
   if not used:
     return tensor, None, used
-  return tensor, (mean, 1.0 / scale), used
+  return tensor, (_shortest(mean, mean), _shortest(1.0 / scale, scale, lambda v: 1.0 / v)), used
 
 
 def _input_shape(graph: _Graph) -> tuple[int, int, int]:
