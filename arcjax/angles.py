@@ -243,6 +243,9 @@ def angle_statistics(train_emb: np.ndarray, train_labels: np.ndarray,
   """
   if (eval_emb is None) != (eval_labels is None):
     raise ValueError("eval_emb and eval_labels must be given together")
+  if np.shape(centres)[0] == 0:
+    raise ValueError("W-EC and W-Inter need trained class centres and there are none (a model "
+                     "imported without centres): embedding_statistics gives Intra and Inter")
   has_eval = eval_emb is not None
   return {
       "w_ec_deg": float(np.degrees(w_ec(train_emb, train_labels, centres))),

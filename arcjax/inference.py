@@ -139,8 +139,9 @@ def load_run(directory: str | os.PathLike, step: int | None = None) -> Run:
   if not config_path.exists():
     raise errors.WorkdirError(f"{path} holds no run ({workdir.CONFIG} missing)")
   stored = workdir.read_json(config_path)
-  # Runs from before config.model.input_mean / input_std were trained on (x − 127.5) / 128.
-  stored["model"] = {"input_mean": 127.5, "input_std": 128.0, **stored["model"]}
+  for field, value in workdir.ADDED_FIELDS.items():  # a run from before the field existed
+    section, name = field.split(".")
+    stored[section].setdefault(name, value)
   config = ml_collections.ConfigDict(stored)
   checkpoints = workdir.Checkpoints(path)
   try:

@@ -67,6 +67,9 @@ FREE_FIELDS = ("train.steps", "train.log_every", "train.checkpoint_every",
                "head.sharded", "head.chunk_size", "eval", "angles", "wandb",
                "data.max_pairs", "data.eval_bins", "data.stage_dir")
 _ABSENT = "<absent>"
+# Fields added after runs were made, with the value every earlier run had: a stored
+# config.json without them meant this, so resuming it or collecting its grid is no change.
+ADDED_FIELDS = {"model.input_mean": 127.5, "model.input_std": 128.0, "train.init_from": ""}
 
 
 # --- Paths -------------------------------------------------------------------------
@@ -195,7 +198,7 @@ def is_free_field(field: str) -> bool:
 
 def config_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[Change]:
   """The fields of two config.json objects that differ, in sorted order."""
-  old, new = _flatten(stored), _flatten(requested)
+  old, new = {**ADDED_FIELDS, **_flatten(stored)}, _flatten(requested)
   return [Change(field, old.get(field, _ABSENT), new.get(field, _ABSENT), is_free_field(field))
           for field in sorted(old.keys() | new.keys())
           if old.get(field, _ABSENT) != new.get(field, _ABSENT)]

@@ -231,3 +231,5 @@ def test_class_mean_angles_and_embedding_statistics_in_the_plane():
   assert stats == pytest.approx({"intra_deg": 8.0, "inter_deg": (90 + 90 + 110) / 3}, abs=1e-9)
   with pytest.raises(ValueError, match="at least 2 classes"):
     angles.class_mean_angles(emb, np.zeros(5, int))
+  with pytest.raises(ValueError, match="need trained class centres and there are none"):
+    angles.angle_statistics(emb, labels, np.zeros((0, 2)))

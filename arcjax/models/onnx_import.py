@@ -132,10 +132,10 @@ class _Graph:
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
-  return {attr.name: helper_value(attr) for attr in node.attribute}
+  return {attr.name: _attribute_value(attr) for attr in node.attribute}
 
 
-def helper_value(attr: onnx.AttributeProto) -> Any:
+def _attribute_value(attr: onnx.AttributeProto) -> Any:
   """An attribute's Python value (ints as tuples)."""
   value = onnx.helper.get_attribute_value(attr)
   return tuple(value) if isinstance(value, list) else value
