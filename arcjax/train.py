@@ -191,7 +191,10 @@ def _source_run(config: ml_collections.ConfigDict) -> inference.Run:
   """The run of `config.train.init_from`, refused in one line where its backbone cannot be
   this config's (architecture, embedding width, normalisation, image size)."""
   source = config.train.init_from
-  run = inference.load_run(source)
+  try:
+    run = inference.load_run(source)
+  except errors.WorkdirError as error:
+    raise errors.ConfigError(f"config.train.init_from={source}: {error}") from None
   ours, theirs = config.model, run.config.model
   misfits = [f"model.{field}: {theirs[field]!r} there, {ours[field]!r} here"
              for field in ("name", "embedding_dim", "input_mean", "input_std")

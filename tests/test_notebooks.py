@@ -292,14 +292,27 @@ def test_notebooks_run_where_jupyter_runs_them():
 
 
 @pytest.mark.slow
-def test_theta_histograms_notebook_views_an_imported_model(trained_grid, tmp_path):
-  from arcjax import data, export, from_onnx, inference  # pylint: disable=import-outside-toplevel
-  root, path = trained_grid
-  export.export(str(path), tmp_path / "tiny.onnx")
+def test_theta_histograms_notebook_views_an_imported_model(grid, tmp_path):
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from arcjax import data, from_onnx, inference, models
+  from arcjax.models import onnx_export
+  from configs import default
+  root, _ = grid
+  images, labels = data.get_datasets(default.get_config().data).unseen
+  # A random tiny CNN whose BatchNorm statistics are those of these images (its running
+  # averages after 60 updates on them), so that its embeddings spread out.
+  model = models.get_model("tiny_cnn", embedding_dim=16)
+  x = models.normalize_images(images, (127.5, 128.0))
+  variables = model.init(jax.random.key(0), x[:1], train=False)
+  update = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[1])
+  for _ in range(60):
+    variables = {"params": variables["params"], **update(variables)}
+  proto = onnx_export.backbone_to_onnx(model, variables, images.shape[1:], (127.5, 128.0))
+  (tmp_path / "tiny.onnx").write_bytes(proto.SerializeToString())
   imported = tmp_path / "imported"
   from_onnx.import_onnx(tmp_path / "tiny.onnx", str(imported))
   run = inference.load_run(imported)
-  images, labels = data.get_datasets(inference.load_run(path).config.data).unseen
   nb = _execute("theta_histograms.ipynb", root, MODEL_RUN=str(imported),
                 UNSEEN_DATA={"name": "omniglot"})
   lines = _text(nb, "model").splitlines()
@@ -315,6 +328,7 @@ def test_theta_histograms_notebook_views_an_imported_model(trained_grid, tmp_pat
   inter = np.degrees(np.arccos(np.clip(cos.max(1), -1, 1))).mean()
   printed = re.fullmatch(r"no trained centres: Intra (.*)°, Inter (.*)° \(against the "
                          r"identities' mean directions\)", lines[2])
+  assert own.mean() > 5 and inter > 5  # embeddings that spread: the angles mean something
   assert abs(float(printed[1]) - own.mean()) <= 0.051, (lines[2], own.mean())
   assert abs(float(printed[2]) - inter) <= 0.051, (lines[2], inter)
   assert _pngs(nb, "model_plot") == 1
