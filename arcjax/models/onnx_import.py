@@ -163,10 +163,8 @@ class _Matcher:
   def _fail(self, layer: graphs.Layer, tensor: str, expected: str) -> _Unplaced:
     where = "/".join(layer.path) or layer.kind
     found = [node for node in self.graph.data_consumers(tensor) if id(node) not in self.used]
-    if found:
-      what = f"cannot place {self.graph.describe(found[0])}"
-    else:
-      what = f"nothing reads tensor {tensor!r} where"
+    what = (f"cannot place {self.graph.describe(found[0])}" if found
+            else f"the graph stops at tensor {tensor!r}")
     return _Unplaced(f"{what}: arcjax's {self.arch} has {expected} there ({where})",
                      len(self.placements))
 
