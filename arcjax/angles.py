@@ -190,6 +190,40 @@ def inter(embeddings: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(_angle(nearest)))
 
 
+def class_mean_angles(embeddings: np.ndarray, labels: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Each embedding's angle to its class's embedding centre and to the nearest other class's.
+
+  What trained centres W give for θ_y and the nearest non-target angle, with the
+  classes' own mean directions in their place: it needs no classifier, so it
+  applies to identities never trained on and to models imported without centres.
+
+  Args:
+    embeddings: (N, d); labels: (N,) int identities (any values), ≥ 2 distinct.
+
+  Returns:
+    (theta_own, theta_nearest_other): (N,) float64 radians each.
+  """
+  x = unit_rows(embeddings, "embeddings")
+  labels = _labels_for(labels, x.shape[0], "labels")
+  classes, class_centres, index = _class_centres(x, labels)
+  if len(classes) < 2:
+    raise ValueError(f"another class's centre needs at least 2 classes, labels hold {len(classes)}")
+  return (_angle(np.sum(x * class_centres[index], axis=1)),
+          _angle(_nearest_other_cos(x, class_centres, index)))
+
+
+def embedding_statistics(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """The statistics of Table 5 that need no trained centres, in degrees: Intra and Inter
+  against the class means of `embeddings` (N, d) with identities `labels` (N,), ≥ 2 of them.
+
+  Returns {'intra_deg', 'inter_deg'}: Intra1/Inter1 on training images, Intra2/Inter2 on
+  unseen identities; W-EC and W-Inter need trained centres (`angle_statistics`).
+  """
+  return {"intra_deg": float(np.degrees(intra(embeddings, labels))),
+          "inter_deg": float(np.degrees(inter(embeddings, labels)))}
+
+
 def angle_statistics(train_emb: np.ndarray, train_labels: np.ndarray,
                      centres: np.ndarray, eval_emb: np.ndarray | None = None,
                      eval_labels: np.ndarray | None = None) -> dict[str, float | None]:
@@ -209,6 +243,9 @@ def angle_statistics(train_emb: np.ndarray, train_labels: np.ndarray,
   """
   if (eval_emb is None) != (eval_labels is None):
     raise ValueError("eval_emb and eval_labels must be given together")
+  if np.shape(centres)[0] == 0:
+    raise ValueError("W-EC and W-Inter need trained class centres and there are none (a model "
+                     "imported without centres): embedding_statistics gives Intra and Inter")
   has_eval = eval_emb is not None
   return {
       "w_ec_deg": float(np.degrees(w_ec(train_emb, train_labels, centres))),

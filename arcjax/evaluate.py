@@ -30,6 +30,9 @@ def evaluate(workdir_path: str, step: int | None = None,
   from arcjax import data, evaluators, inference, workdir
   run = inference.load_run(workdir_path, step)
   image_size = tuple(run.config.data.image_size) if run.config.data.image_size else None
+  if not bins and run.imported_from:
+    raise errors.ConfigError(f"{workdir_path} is a model imported from {run.imported_from}: it has "
+                             "no evaluation sets of its own; name .bin files with --bins")
   if bins:
     eval_sets = {data.bin_name(path): data.load_bin(data.resolve(path), image_size)[0]
                  for path in bins}

@@ -3,12 +3,14 @@
     run = inference.load_run("runs/default")          # the latest checkpoint
     run.embed(["a.png", "b.png"])                      # (2, d) float32 unit rows
     run.embed(images_uint8_nhwc)                       # or encoded bytes, or a mix
-    run.centres                                        # (C, d) float32
+    run.centres                                        # (C, d) float32; (0, d) if imported
 
 Images go through the run's own preprocessing: decoded, resized to the
 config's `data.image_size` (PIL bilinear, as in training), given the channel
-count the model was trained on, normalised as in training; they are embedded
-in batches of one compiled shape. `embedder` is the one place the trainer's
+count the model was trained on, normalised as its config says
+(`config.model.input_mean` / `input_std`); they are embedded in batches of one
+compiled shape. A workdir made by `python -m arcjax.from_onnx` loads the same
+way; it has no centres (`Run.require_centres` says so in one line). `embedder` is the one place the trainer's
 evaluators, `python -m arcjax.evaluate` and `load_run` embed images.
 """
 
@@ -34,10 +36,11 @@ Images = np.ndarray | Sequence[bytes | str | os.PathLike | np.ndarray]
 def embedder(model_config: ml_collections.ConfigDict) -> Callable[[Any, np.ndarray], jax.Array]:
   """embed(variables, images (B, H, W, C) uint8) -> (B, d) float32 embeddings, jitted."""
   model = models.make_model(model_config)
+  mean_std = models.normalization(model_config)
 
   @jax.jit
   def embed(variables, images):
-    return model.apply(variables, models.normalize_images(images), train=False)
+    return model.apply(variables, models.normalize_images(images, mean_std), train=False)
 
   return embed
 
@@ -87,7 +90,8 @@ def preprocess(images: Images, image_shape: tuple[int, int, int]) -> np.ndarray:
 class Run:
   """A trained run: `config`, `step`, `centres` (C, d) float32, `variables` of the backbone.
 
-  `image_shape`: (H, W, C) the model was trained on; `embed_fn`: `embedder(config.model)`.
+  `image_shape`: (H, W, C) the model was trained on; `embed_fn`: `embedder(config.model)`;
+  `imported_from`: the ONNX file of a workdir made by `arcjax.from_onnx` (else None).
   """
   workdir: str
   config: ml_collections.ConfigDict
@@ -96,6 +100,17 @@ class Run:
   variables: dict[str, Any]
   image_shape: tuple[int, int, int]
   embed_fn: Callable[[Any, np.ndarray], jax.Array]
+  imported_from: str | None = None
+
+  def require_centres(self, what: str) -> np.ndarray:
+    """The (C, d) centres, or WorkdirError (one line) saying that `what` needs them."""
+    if not len(self.centres):
+      origin = (f"a model imported from {self.imported_from}" if self.imported_from
+                else "no class centres")
+      raise errors.WorkdirError(f"{what} needs trained class centres; {self.workdir} has none "
+                                f"({origin}): use what needs only embeddings (Intra, Inter "
+                                "against class means: arcjax.angles.embedding_statistics)")
+    return self.centres
 
   def embed(self, images: Images, *, batch_size: int | None = None,
             flip: bool | None = None) -> np.ndarray:
@@ -132,7 +147,11 @@ def load_run(directory: str | os.PathLike, step: int | None = None) -> Run:
   config_path = path / workdir.CONFIG
   if not config_path.exists():
     raise errors.WorkdirError(f"{path} holds no run ({workdir.CONFIG} missing)")
-  config = ml_collections.ConfigDict(workdir.read_json(config_path))
+  stored = workdir.read_json(config_path)
+  for field, value in workdir.ADDED_FIELDS.items():  # a run from before the field existed
+    section, name = field.split(".")
+    stored[section].setdefault(name, value)
+  config = ml_collections.ConfigDict(stored)
   checkpoints = workdir.Checkpoints(path)
   try:
     steps = checkpoints.all_steps()
@@ -142,10 +161,13 @@ def load_run(directory: str | os.PathLike, step: int | None = None) -> Run:
       step = steps[-1]
     elif step not in steps:
       raise errors.WorkdirError(f"{path} has no checkpoint at step {step}; it has {steps}")
-    arrays, meta = checkpoints.restore_arrays(step, MODEL_KEYS)
+    arrays, meta = checkpoints.restore_arrays(step, MODEL_KEYS, optional=("head",))
   finally:
     checkpoints.close()
-  centres = np.asarray(arrays["head"]["centres"][:meta["num_classes"]], np.float32)
+  centres = (np.asarray(arrays["head"]["centres"][:meta["num_classes"]], np.float32)
+             if "head" in arrays else np.zeros((0, config.model.embedding_dim), np.float32))
+  imported = path / workdir.IMPORTED
   return Run(workdir=os.fspath(path), config=config, step=step, centres=centres,
              variables={"params": arrays["params"], "batch_stats": arrays["batch_stats"]},
-             image_shape=tuple(meta["image_shape"]), embed_fn=embedder(config.model))
+             image_shape=tuple(meta["image_shape"]), embed_fn=embedder(config.model),
+             imported_from=workdir.read_json(imported)["onnx"] if imported.exists() else None)

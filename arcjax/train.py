@@ -1,5 +1,9 @@
 """Training: the state, a pure train step, and `train_and_evaluate`, a short loop over a workdir.
 
+A new run with `config.train.init_from=W` starts from the backbone of workdir W
+(a trained run or a model imported from ONNX), and from its centres when W was
+trained on the same classes; `init_from.json` records where it started.
+
 `train_and_evaluate(config, workdir)` runs a whole config in its workdir
 (`arcjax.workdir` holds the layout and the run's guarantees). Started again with
 the same command, a run resumes from its newest complete checkpoint and ends
@@ -8,7 +12,9 @@ and the margin's strength of step t are functions of (seed, t) only.
 """
 
 import contextlib
+import datetime
 import functools
+import hashlib
 import time
 from typing import Any
 
@@ -24,6 +30,7 @@ from arcjax import data
 from arcjax import errors
 from arcjax import evaluators
 from arcjax import head as head_lib
+from arcjax import inference
 from arcjax import logging as arcjax_logging
 from arcjax import losses
 from arcjax import margins
@@ -74,6 +81,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   sharding.check_config(config.train, config.head)
   evaluators.check_config(config.eval, config.angles)
   arcjax_logging.check_config(config.wandb)
+  if not isinstance(config.train.init_from, str):
+    raise errors.ConfigError(f"config.train.init_from must be a workdir path or '', got "
+                             f"{config.train.init_from!r}")
   if config.seed < 0:
     raise errors.ConfigError(f"config.seed must be >= 0, got {config.seed}")
 
@@ -101,10 +111,11 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, loss_fn, schedule,
-               margin_warmup_steps: int,
+               margin_warmup_steps: int, normalization: tuple[float, float],
                collectives: sharding.Collectives) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser update on a batch {'image': (B, H, W, C) uint8, 'label': (B,) int32}.
 
+  `normalization`: (mean, std) of the pixels (`models.normalization`).
   `collectives` averages gradients and metrics over pmap's devices (identity
   under jit, where every mean is already over the global batch).
 
@@ -123,7 +134,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, los
   def compute_loss(trainable):
     embeddings, updates = model.apply(
         {"params": trainable["backbone"], "batch_stats": state.batch_stats},
-        models.normalize_images(batch["image"]), train=True, rngs={"dropout": key},
+        models.normalize_images(batch["image"], normalization), train=True, rngs={"dropout": key},
         mutable=["batch_stats"])
     embeddings = embeddings.astype(jnp.float32)
     loss, aux = loss_fn(embeddings, trainable["head"], labels, key, strength)
@@ -156,8 +167,87 @@ def make_train_step(config: ml_collections.ConfigDict, par: sharding.Parallelism
       train_step, model=models.make_model(config.model, bn_axis_name=par.bn_axis_name),
       tx=optim.make_optimizer(config.train), schedule=optim.make_schedule(config.train),
       loss_fn=losses.make_loss_fn(config.loss, margin_term, num_classes),
-      margin_warmup_steps=config.loss.margin_warmup_steps, collectives=par.collectives)
+      margin_warmup_steps=config.loss.margin_warmup_steps,
+      normalization=models.normalization(config.model), collectives=par.collectives)
   return par.compile(step, state)
+
+
+# What decides a run's classes: W's centres are its classes' only when all of these agree.
+_CLASS_FIELDS = ("name", "path", "num_holdout_identities", "pairs_seed")
+
+
+def _content_hash(tree: Any) -> str:
+  """SHA-256 of a tree of arrays: every leaf's path, dtype, shape and bytes, in path order."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
+                           key=lambda item: jax.tree_util.keystr(item[0])):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}\n".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def _source_run(config: ml_collections.ConfigDict) -> inference.Run:
+  """The run of `config.train.init_from`, refused in one line where its backbone cannot be
+  this config's (architecture, embedding width, normalisation, image size)."""
+  source = config.train.init_from
+  try:
+    run = inference.load_run(source)
+  except errors.WorkdirError as error:
+    raise errors.ConfigError(f"config.train.init_from={source}: {error}") from None
+  ours, theirs = config.model, run.config.model
+  misfits = [f"model.{field}: {theirs[field]!r} there, {ours[field]!r} here"
+             for field in ("name", "embedding_dim", "input_mean", "input_std")
+             if theirs[field] != ours[field]]
+  size = tuple(config.data.image_size) if config.data.image_size else None
+  if size is not None and size != tuple(run.image_shape[:2]):
+    misfits.append(f"image size: {tuple(run.image_shape[:2])} there, {size} here")
+  if misfits:
+    raise errors.ConfigError(f"config.train.init_from={source}: its backbone does not fit this "
+                             f"config ({'; '.join(misfits)})")
+  return run
+
+
+def _start_from(run: inference.Run, state: TrainState, config: ml_collections.ConfigDict,
+                num_classes: int, image_shape: tuple[int, ...]) -> tuple[TrainState, dict]:
+  """`state` with `run`'s backbone, and its centres where the classes match; and the record
+  for init_from.json."""
+  source = config.train.init_from
+  if tuple(run.image_shape) != tuple(image_shape):
+    raise errors.ConfigError(f"config.train.init_from={source}: its backbone embeds images "
+                             f"{tuple(run.image_shape)}, this run's data gives {tuple(image_shape)}")
+  shapes = lambda tree: jax.tree.map(lambda leaf: tuple(leaf.shape), tree)  # noqa: E731
+  ours = {"params": state.params, "batch_stats": state.batch_stats}
+  if shapes(run.variables) != shapes(ours):
+    raise errors.ConfigError(f"config.train.init_from={source}: its backbone's parameters do not "
+                             "fit this config's model (another architecture or code version)")
+
+  def put(leaf, value):
+    value = np.asarray(value, leaf.dtype)
+    return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: value[index])
+
+  loaded = dict(run.variables)
+  state = state.replace(params=jax.tree.map(put, state.params, run.variables["params"]),
+                        batch_stats=jax.tree.map(put, state.batch_stats,
+                                                 run.variables["batch_stats"]))
+  differ = [f"data.{field}" for field in _CLASS_FIELDS
+            if run.config.data[field] != config.data[field]]
+  if not len(run.centres):
+    centres = f"fresh: {source} has no centres (an imported model)"
+  elif len(run.centres) != num_classes or differ:
+    centres = (f"fresh: {source} was trained on {len(run.centres)} classes"
+               + (f" of other data ({', '.join(differ)} differ)" if differ else "")
+               + f", this run has {num_classes}")
+  else:
+    padded = np.zeros(state.head["centres"].shape, np.float32)
+    padded[:num_classes] = run.centres
+    state = state.replace(head={**state.head, "centres": put(state.head["centres"], padded)})
+    loaded["centres"] = run.centres
+    centres = f"loaded: the same {num_classes} classes"
+  record = {"workdir": run.workdir, "step": run.step, "sha256": _content_hash(loaded),
+            "hashed": sorted(loaded), "centres": centres,
+            "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  return state, record
 
 
 def _check_rows(rows: list[dict[str, float]], steps: list[int], max_norm: float,
@@ -189,6 +279,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str, *,
   """
   check_config(config)
   directory = workdir.as_path(workdir_path)
+  if config.train.init_from and workdir.as_path(config.train.init_from) == directory:
+    raise errors.ConfigError("config.train.init_from names the run's own workdir; a resumed run "
+                             "starts from its own checkpoint by itself")
+  if config.train.init_from and not workdir.has_checkpoint(directory):
+    _source_run(config)  # refused here, before anything is written, where it cannot fit
   primary = jax.process_index() == 0
   agree = (lambda ok: bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
            if jax.process_count() > 1 else lambda ok: ok)
@@ -222,6 +317,13 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
   restored = checkpoints.restore_latest(abstract, sharding.match_tree(abstract, sharding.CLASS_ROWS),
                                         primary=primary)
   state, start = (restored[0], restored[1]["step"]) if restored else (par.init(init, key), 0)
+  if not restored and config.train.init_from:  # a resumed run's own checkpoint wins
+    state, record = _start_from(_source_run(config), state, config, num_classes,
+                                samples.shape[1:])
+    if primary:
+      workdir.write_json(directory / workdir.INIT_FROM, record)
+      print(f"started from {record['workdir']} (step {record['step']}): its backbone; centres "
+            f"{record['centres']}", flush=True)
   if start > steps:
     raise errors.ConfigError(f"the latest checkpoint in {directory} is at step {start}, past "
                              f"config.train.steps={steps}")

@@ -10,6 +10,11 @@ A run is its config plus its workdir. The workdir holds:
   angles/, histograms/, images/   θ records and what also goes to wandb
   evaluations/          what `python -m arcjax.evaluate` wrote
   angle_stats.json, results.json  written last
+  init_from.json        a run started from another run's backbone (config.train.init_from):
+                        that run, its step, the SHA-256 of what was loaded, whether the
+                        centres came too
+  imported.json         a workdir made by `python -m arcjax.from_onnx`: the ONNX file, its
+                        SHA-256, the architecture found, where the normalisation came from
 
 A workdir is any path `etils.epath` reaches: a local folder (relative paths are
 taken from the current directory) or a bucket (`gs://bucket/run`). Every file a
@@ -47,6 +52,8 @@ IMAGES = "images"
 EVALUATIONS = "evaluations"
 ANGLE_STATS = "angle_stats.json"
 RESULTS = "results.json"
+INIT_FROM = "init_from.json"
+IMPORTED = "imported.json"
 LAUNCH_LOG = "launch.log"
 SLURM_SCRIPT = "slurm.sbatch"  # what `experiments.launch --target=slurm` submits
 # Files that only a run's workdir holds: a folder with none of them is not a run.
@@ -60,6 +67,9 @@ FREE_FIELDS = ("train.steps", "train.log_every", "train.checkpoint_every",
                "head.sharded", "head.chunk_size", "eval", "angles", "wandb",
                "data.max_pairs", "data.eval_bins", "data.stage_dir")
 _ABSENT = "<absent>"
+# Fields added after runs were made, with the value every earlier run had: a stored
+# config.json without them meant this, so resuming it or collecting its grid is no change.
+ADDED_FIELDS = {"model.input_mean": 127.5, "model.input_std": 128.0, "train.init_from": ""}
 
 
 # --- Paths -------------------------------------------------------------------------
@@ -194,7 +204,7 @@ def is_free_field(field: str) -> bool:
 
 def config_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[Change]:
   """The fields of two config.json objects that differ, in sorted order."""
-  old, new = _flatten(stored), _flatten(requested)
+  old, new = {**ADDED_FIELDS, **_flatten(stored)}, _flatten(requested)
   return [Change(field, old.get(field, _ABSENT), new.get(field, _ABSENT), is_free_field(field))
           for field in sorted(old.keys() | new.keys())
           if old.get(field, _ABSENT) != new.get(field, _ABSENT)]
@@ -525,17 +535,20 @@ class Checkpoints:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def restore_arrays(self, step: int, keys: tuple[str, ...]) -> tuple[dict[str, Any], dict]:
+  def restore_arrays(self, step: int, keys: tuple[str, ...],
+                     optional: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict]:
     """(the state's entries `keys` as NumPy arrays, meta) of checkpoint `step`, on this host.
 
     For inference: reads only those entries (not the optimiser state), whatever
-    device layout they were saved from.
+    device layout they were saved from. Keys in `optional` may be absent (an
+    imported model has no centres).
     """
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
     ocp = self._ocp
     tree = self._manager.item_metadata(step)["state"]
     tree = getattr(tree, "tree", tree)
+    keys = tuple(key for key in keys if key in tree or key not in optional)
     missing = [key for key in keys if key not in tree]
     if missing:
       raise errors.WorkdirError(f"checkpoint {step} in {self.directory / CHECKPOINTS} has no "

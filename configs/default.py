@@ -27,6 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.embedding_dim = 128
   config.model.dropout = 0.0
   config.model.dtype = "float32"
+  # The model sees (pixel − input_mean) / input_std: arcjax trains on [−0.996, 0.996];
+  # insightface's released models expect (x − 127.5) / 127.5 (an imported model records it).
+  config.model.input_mean = 127.5
+  config.model.input_std = 128.0
 
   # The paper's ArcFace, s = 64, m2 = 0.5, annealed in over the first 300 steps: from
   # scratch, the full margin leaves this model's centres far from their classes in 2 of 3
@@ -73,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stop (keeping the last checkpoint) when the parameters' global norm passes this:
   # a diverging run (lr or s far too large) rather than a trained one.
   config.train.max_param_norm = 1e4
+  # A workdir (a trained run, or a model imported with `python -m arcjax.from_onnx`) whose
+  # backbone this run starts from, and its centres when the classes match; '' = random init.
+  config.train.init_from = ""
 
   config.eval = ml_collections.ConfigDict()
   config.eval.every = 500

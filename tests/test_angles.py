@@ -214,3 +214,22 @@ def test_errors_name_the_problem():
     angles.theta_histogram(np.array([0.0]), bins=0)
   with pytest.raises(ValueError, match=r"theta must be a \(N,\) array"):
     angles.theta_histogram(np.zeros((2, 2)))
+
+
+def test_class_mean_angles_and_embedding_statistics_in_the_plane():
+  # Class 0 at ±10° about the x axis (centre at 0°), class 1 at 80° and 100° (centre at 90°),
+  # class 2 alone at 200° (its own centre): every angle by hand, in degrees.
+  deg = np.array([10.0, -10.0, 80.0, 100.0, 200.0])
+  emb = 3.0 * np.stack([np.cos(np.radians(deg)), np.sin(np.radians(deg))], axis=1)
+  labels = np.array([5, 5, 7, 7, 9])
+  own, nearest = angles.class_mean_angles(emb, labels)
+  np.testing.assert_allclose(np.degrees(own), [10, 10, 10, 10, 0], atol=1e-9)
+  # Nearest other centre: 0° ↔ 90° for class 0's members (80°, 100°), 90° ↔ 0° for class 1's
+  # (80°, 100°: 80 nearer 0° than 200°'s 120°); 200° ↔ 0° (160°) vs 90° (110°).
+  np.testing.assert_allclose(np.degrees(nearest), [80, 100, 80, 100, 110], atol=1e-9)
+  stats = angles.embedding_statistics(emb, labels)
+  assert stats == pytest.approx({"intra_deg": 8.0, "inter_deg": (90 + 90 + 110) / 3}, abs=1e-9)
+  with pytest.raises(ValueError, match="at least 2 classes"):
+    angles.class_mean_angles(emb, np.zeros(5, int))
+  with pytest.raises(ValueError, match="need trained class centres and there are none"):
+    angles.angle_statistics(emb, labels, np.zeros((0, 2)))

@@ -162,13 +162,35 @@ def test_dropout_uses_dropout_rng():
                                 no_drop.apply(variables, x, train=False))
 
 
-def test_normalize_images_matches_numpy():
+@pytest.mark.parametrize("mean_std", [(127.5, 128.0), (127.5, 127.5), (0.0, 1.0)])
+def test_normalize_images_matches_numpy(mean_std):
   pixels = np.arange(256, dtype=np.uint8).reshape(2, 8, 16, 1)
-  out = normalize_images(pixels)
+  out = normalize_images(pixels, mean_std)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, (pixels.astype(np.float64) - 127.5) / 128.0, rtol=0, atol=1e-7)
+  mean, std = mean_std
+  np.testing.assert_allclose(out, (pixels.astype(np.float64) - mean) / std, rtol=1e-7,
+                             atol=1e-7)
   with pytest.raises(ValueError, match="uint8"):
-    normalize_images(pixels.astype(np.float32))
+    normalize_images(pixels.astype(np.float32), mean_std)
+
+
+def test_the_configured_normalisation_reaches_training_and_inference():
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from arcjax import errors, inference, models  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  assert models.normalization(config.model) == (127.5, 128.0)
+  config.model.update(input_mean=100.0, input_std=50.0, embedding_dim=8)
+  embed = inference.embedder(config.model)
+  model = models.make_model(config.model)
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 1)).astype(np.uint8)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), train=False)
+  expected = model.apply(variables, (pixels.astype(np.float32) - 100.0) / 50.0, train=False)
+  np.testing.assert_allclose(embed(variables, pixels), expected, rtol=1e-5, atol=1e-6)
+  for bad in ({"input_std": 0.0}, {"input_std": -1.0}, {"input_mean": float("nan")}):
+    config = default.get_config()
+    config.model.update(**bad)
+    with pytest.raises(errors.ConfigError, match=f"config.model.{next(iter(bad))}"):
+      models.check_config(config.model)
 
 
 def test_bad_inputs_raise():

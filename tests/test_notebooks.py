@@ -4,7 +4,9 @@ The synthetic grid is seeded (`<row>/seed<k>`) and its files follow the workdir 
 trainer writes (config.json, metrics.jsonl, angles/theta_step*.npz, results.json), with
 plausible arrays: θ_y starts near 90° (random init) and shrinks with training. The numbers the
 notebooks print are checked against ones computed here from what was written. One test adds a
-really trained (tiny) run as a row, for the notebook's section that loads a run as a model.
+really trained (tiny) run as a row, for the notebook's section that loads a run as a model, and
+one loads that run exported to ONNX and imported again (no centres). The kernels run as
+Jupyter runs them: in notebooks/, with arcjax importable only as the installed package.
 """
 
 import json
@@ -103,9 +105,17 @@ def _execute(name: str, runs_root: str | os.PathLike, env: dict[str, str] | None
   (cell,) = [c for c in nb.cells if c.get("id") == "params"]
   cell.source += "".join(f"\n{key} = {value!r}" for key, value in params.items())
   env = {**(env or os.environ), "ARCJAX_RUNS": str(runs_root)}
-  # cwd = repo root so `import arcjax` works.
-  NotebookClient(nb, timeout=KERNEL_TIMEOUT, kernel_name="python3",
-                 resources={"metadata": {"path": str(REPO)}}).execute(env=env)
+  env.pop("PYTHONPATH", None)
+  # As Jupyter runs it: the kernel in notebooks/, arcjax importable only as an installed
+  # package (`pip install -e .`, the README's set-up).
+  try:
+    NotebookClient(nb, timeout=KERNEL_TIMEOUT, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(env=env)
+  except CellExecutionError as error:
+    if "No module named 'arcjax'" in str(error):
+      raise AssertionError("the notebook's kernel (in notebooks/) cannot import arcjax: install "
+                           "the package first (pip install -e .)") from error
+    raise
   return nb
 
 
@@ -267,3 +277,61 @@ def test_theta_histograms_notebook_loads_a_trained_run(trained_grid):
   printed = float(re.fullmatch(r"mean angle to the nearest trained centre: (.*)°", lines[2])[1])
   assert abs(printed - nearest.mean()) <= 0.051
   assert _pngs(nb, "model_plot") == 1
+
+
+def test_notebooks_run_where_jupyter_runs_them():
+  nb = nbformat.read(NOTEBOOKS / "theta_histograms.ipynb", as_version=4)
+  nb.cells = [nbformat.v4.new_code_cell("import os, arcjax, experiments.collect\n"
+                                        "print(os.getcwd())\nprint(arcjax.__file__)")]
+  env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+  NotebookClient(nb, timeout=KERNEL_TIMEOUT, kernel_name="python3",
+                 resources={"metadata": {"path": str(NOTEBOOKS)}}).execute(env=env)
+  cwd, module = nb.cells[0].outputs[0]["text"].split()
+  assert pathlib.Path(cwd) == NOTEBOOKS
+  assert pathlib.Path(module).is_file()
+
+
+@pytest.mark.slow
+def test_theta_histograms_notebook_views_an_imported_model(grid, tmp_path):
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from arcjax import data, from_onnx, inference, models
+  from arcjax.models import onnx_export
+  from configs import default
+  root, _ = grid
+  images, labels = data.get_datasets(default.get_config().data).unseen
+  # A random tiny CNN whose BatchNorm statistics are those of these images (its running
+  # averages after 60 updates on them), so that its embeddings spread out.
+  model = models.get_model("tiny_cnn", embedding_dim=16)
+  x = models.normalize_images(images, (127.5, 128.0))
+  variables = model.init(jax.random.key(0), x[:1], train=False)
+  update = jax.jit(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])[1])
+  for _ in range(60):
+    variables = {"params": variables["params"], **update(variables)}
+  proto = onnx_export.backbone_to_onnx(model, variables, images.shape[1:], (127.5, 128.0))
+  (tmp_path / "tiny.onnx").write_bytes(proto.SerializeToString())
+  imported = tmp_path / "imported"
+  from_onnx.import_onnx(tmp_path / "tiny.onnx", str(imported))
+  run = inference.load_run(imported)
+  nb = _execute("theta_histograms.ipynb", root, MODEL_RUN=str(imported),
+                UNSEEN_DATA={"name": "omniglot"})
+  lines = _text(nb, "model").splitlines()
+  assert lines[0] == f"model: {imported} (checkpoint at step 0, 0 centres)"
+  x = run.embed(images).astype(np.float64)
+  classes = np.unique(labels)
+  means = np.stack([x[labels == c].sum(0) for c in classes])
+  means /= np.linalg.norm(means, axis=1, keepdims=True)
+  own = np.degrees(np.arccos(np.clip(np.sum(x * means[np.searchsorted(classes, labels)], 1),
+                                     -1, 1)))
+  cos = means @ means.T
+  np.fill_diagonal(cos, -np.inf)
+  inter = np.degrees(np.arccos(np.clip(cos.max(1), -1, 1))).mean()
+  printed = re.fullmatch(r"no trained centres: Intra (.*)°, Inter (.*)° \(against the "
+                         r"identities' mean directions\)", lines[2])
+  assert own.mean() > 5 and inter > 5  # embeddings that spread: the angles mean something
+  assert abs(float(printed[1]) - own.mean()) <= 0.051, (lines[2], own.mean())
+  assert abs(float(printed[2]) - inter) <= 0.051, (lines[2], inter)
+  assert _pngs(nb, "model_plot") == 1
+  nb = _execute("theta_histograms.ipynb", root, MODEL_RUN=str(imported))
+  assert "with no data of its own: name the unseen identities' data in UNSEEN_DATA" in _text(
+      nb, "model")

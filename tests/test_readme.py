@@ -19,8 +19,8 @@ SHORT = " --config.train.steps=20 --config.eval.every=0"
 # None: not run here (the reason in the comment).
 README = {
     # .ci/run runs this set-up command itself, in full; here its run, shortened, for what follows.
-    "pip install -q -r requirements.txt && python -m arcjax.main --config=configs/default.py "
-    "--workdir=runs/default": (SHORT, 0, "final verification (step 20)"),
+    "pip install -q -r requirements.txt && pip install -q -e . && python -m arcjax.main "
+    "--config=configs/default.py --workdir=runs/default": (SHORT, 0, "final verification (step 20)"),
     "python -m pytest -q -n 2": None,  # the tests themselves
     "python -m arcjax.evaluate --workdir=runs/default": ("", 0, "verification of runs/default"),
     "python -m arcjax.embed --workdir=runs/default --images=arcjax/data/omniglot/"
@@ -45,6 +45,27 @@ README = {
     "python -m arcjax.main --config=configs/ablations.py:arcface,setting=paper "
     "--workdir=runs/arcface_paper --config.model.dtype=bfloat16":
         ("", 1, "error: config.data.path: "),
+    # A zoo file, which a fresh machine has not: one line each, nothing written.
+    "python -m arcjax.from_onnx ~/.insightface/models/buffalo_l/w600k_r50.onnx "
+    "--workdir=runs/w600k_r50": ("", 1, "w600k_r50.onnx does not exist"),
+    "python -m arcjax.evaluate --workdir=runs/w600k_r50 --bins=faces_emore/lfw.bin,"
+    "faces_emore/cfp_fp.bin,faces_emore/agedb_30.bin": ("", 1, "holds no run"),
+    "python -m arcjax.main --config=configs/ablations.py:arcface,setting=paper "
+    "--workdir=runs/w600k_r50_casia --config.train.init_from=runs/w600k_r50 "
+    "--config.model.input_std=127.5": ("", 1, "runs/w600k_r50 holds no run"),
+    "python -m arcjax.export --workdir=runs/default --out=runs/default.onnx":
+        ("", 0, "differ from load_run(...).embed's by at most"),
+    "python -m arcjax.from_onnx runs/default.onnx --workdir=runs/default_imported":
+        ("", 0, "imported runs/default.onnx as tiny_cnn"),
+    "python -m arcjax.evaluate --workdir=runs/default_imported --bins=omniglot_faces/holdout.bin":
+        ("", 0, "verification of runs/default_imported"),
+    "python -m arcjax.embed --workdir=runs/default_imported --images=arcjax/data/omniglot/"
+    "images_background_small2.zip --out=runs/imported_embeddings": ("", 0, "3120 embeddings"),
+    "python -m arcjax.main --config=configs/default.py --workdir=runs/finetuned "
+    "--config.train.init_from=runs/default_imported":
+        (SHORT, 0, "centres fresh: runs/default_imported has no centres"),
+    "python -m arcjax.export --workdir=runs/finetuned --out=runs/finetuned.onnx":
+        ("", 0, "wrote runs/finetuned.onnx"),
     "python -m experiments.launch --grid=configs/ablations.py:table2,setting=paper --target=slurm "
     "--workdir=runs/table2_paper --nodes=2 --gpus-per-node=8 --partition=gpu "
     "--time=2-00:00:00 --slurm-setup='source .venv/bin/activate' --dry-run":
@@ -110,7 +131,8 @@ def test_the_readme_commands_run_on_a_fresh_copy(fresh_copy):
       continue
     extra, status, expected = how
     if command.startswith("pip install"):
-      command = command.split("&& ", 1)[1]  # .ci/run installs; this test runs the rest
+      # .ci/run installs (here an editable install would point at this temporary copy)
+      command = command.rsplit("&& ", 1)[1]
     result = _run(clone, command + extra)
     output = result.stdout + result.stderr
     assert result.returncode == status and expected in output, (command, output[-3000:])

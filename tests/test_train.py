@@ -98,6 +98,7 @@ def _step_fn(config, dtype="float32"):
       tx=optim.make_optimizer(config.train), schedule=optim.make_schedule(config.train),
       loss_fn=losses.make_loss_fn(config.loss, term, NUM_CLASSES),
       margin_warmup_steps=config.loss.margin_warmup_steps,
+      normalization=models.normalization(config.model),
       collectives=sharding.parallelism_for(config.train, config.head).collectives)
 
 
@@ -158,7 +159,7 @@ def test_every_term_reports_its_gradient_on_the_embeddings():
   # Intra's: ‖∂(w·mean θ_y/π)/∂x‖ computed independently.
   model = models.make_model(config.model)
   embeddings = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                           models.normalize_images(batch["image"]), train=True,
+                           models.normalize_images(batch["image"], (127.5, 128.0)), train=True,
                            rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])[0]
   def intra(x):
     x = x / jnp.linalg.norm(x, axis=1, keepdims=True)

@@ -1,4 +1,4 @@
-"""IResNet-18/34/50/100: the ArcFace paper's "LResNet-E-IR" backbone.
+"""IResNet-18/34/50/100/200: the ArcFace paper's "LResNet-E-IR" backbone.
 
 As insightface's `arcface_torch/backbones/iresnet.py`: a 3×3 stride-1 stem
 (+BN+PReLU) so that four stride-2 stages take 112×112 faces to 7×7, the improved

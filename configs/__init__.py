@@ -1,0 +1,1 @@
+"""Run configs: `get_config(arg)` functions (`--config=configs/FILE.py[:ARG]`)."""
