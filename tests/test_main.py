@@ -29,6 +29,9 @@ def _main(workdir: pathlib.Path, *overrides: str, python_flags=()) -> subprocess
 @pytest.mark.parametrize("override, message", [
     ("--config.train.stepz=5", "error: unknown config key 'stepz'; Did you mean \"steps\""),
     ("--config.nosuch.field=1", "unknown config key 'nosuch'"),
+    # The margin is its values (s, m1, m2, m3): a preset name would be a label nothing reads.
+    ("--config.loss.preset=cosface", "error: unknown config key 'preset'"),
+    ("--config.loss.preset=nosuch", "error: unknown config key 'preset'"),
     ("--config.train.steps=many", "--config.train.steps=many: invalid literal for int()"),
     ("--config.train.steps=-5", "error: config.train.steps must be an int > 0, got -5"),
     ("--config.loss.s=0", "error: config.loss: scale s must be > 0, got s=0.0"),
