@@ -540,7 +540,9 @@ class Checkpoints:
   requested state raises WorkdirError and stays where it is.
 
   `primary`: whether this process writes (the sums, the moves); in a
-  multi-host run only the first does, every process verifies.
+  multi-host run only the first does, every process verifies. A reader that
+  holds no lock on the workdir (`inference.load_run`) passes False: it names a
+  damaged checkpoint and skips it, and the run's next start moves it.
   """
   directory: epath.Path
   keep: int = 2
@@ -639,24 +641,20 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def _damaged(self, step: int, reason: str) -> None:
+    moved = f"moved to {DAMAGED_CHECKPOINTS}/; " if self.primary else ""
     print(f"note: checkpoint {step} in {self.directory / CHECKPOINTS} is damaged ({reason}); "
-          "trying an older one" + (f"; moved to {DAMAGED_CHECKPOINTS}/" if self.primary else ""),
-          flush=True)
+          f"{moved}trying an older one", flush=True)
     if self.primary:
       self._move_aside(step)
 
-  def newest_intact(self, *, move_damaged: bool = True) -> int | None:
-    """The newest step that passes `integrity`; damaged newer ones are named on stdout (and,
-    with `move_damaged`, moved aside by the first process). None if there is none."""
+  def newest_intact(self) -> int | None:
+    """The newest step that passes `integrity`; damaged newer ones are named on stdout and
+    moved aside (by the `primary` process). None if there is none."""
     for step in sorted(self._manager.all_steps(), reverse=True):
       problem = self.integrity(step)
       if problem is None:
         return step
-      if move_damaged:
-        self._damaged(step, problem)
-      else:
-        print(f"note: checkpoint {step} in {self.directory / CHECKPOINTS} is damaged ({problem}); "
-              "using an older one", flush=True)
+      self._damaged(step, problem)
     return None
 
   def stored_shapes(self, step: int) -> tuple[dict[tuple[str, ...], tuple[int, ...]], dict]:
