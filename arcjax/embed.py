@@ -60,12 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = inference.load_run(args.workdir, args.step)
     with unpacked(args.images) as folder:
       files = image_files(folder)
-      try:
-        chunks = [run.embed([os.path.join(folder, f) for f in files[start:start + _CHUNK]])
-                  for start in tqdm.trange(0, len(files), _CHUNK, unit="chunk", desc="embedding")]
-      except errors.DataError as error:  # name the file as the user knows it, not the unzipped copy
-        raise errors.DataError(str(error).replace(os.fspath(folder), args.images.rstrip("/"))
-                               ) from None
+      chunks = [run.embed([os.path.join(folder, f) for f in files[start:start + _CHUNK]])
+                for start in tqdm.trange(0, len(files), _CHUNK, unit="chunk", desc="embedding")]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.save(args.out + ".npy", np.concatenate(chunks))
     with open(args.out + ".txt", "w", encoding="utf-8") as f:

@@ -25,7 +25,7 @@ import numpy as np
 
 from arcjax import errors
 from arcjax.data import staging
-from arcjax.data.folders import IMAGE_SUFFIXES, ImageFolderSource, decode_image
+from arcjax.data.folders import IMAGE_SUFFIXES, ImageFolderSource, check_zip_names, decode_image
 from arcjax.data.sources import ArraySource
 
 EMBEDDED = pathlib.Path(__file__).resolve().parent / "omniglot"
@@ -44,6 +44,7 @@ def _zip_images(path: pathlib.Path) -> dict[str, list[tuple[str, bytes]]]:
   characters: dict[str, list[tuple[str, bytes]]] = {}
   try:
     with zipfile.ZipFile(path) as archive:
+      check_zip_names(archive, path)
       for member in sorted(archive.namelist()):
         parts = member.split("/")
         if len(parts) < 3 or os.path.splitext(parts[-1])[1].lower() not in IMAGE_SUFFIXES:
