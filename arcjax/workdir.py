@@ -8,6 +8,7 @@ A run is its config plus its workdir. The workdir holds:
   checkpoints/<step>/   orbax: the state (global arrays, as they lie on the devices) + meta
   metrics.jsonl         one JSON row per write: {"step": N, name: value, ...}
   angles/, histograms/, images/   θ records and what also goes to wandb
+  wandb_run_id          the id of the run's wandb run, which every start resumes
   evaluations/          what `python -m arcjax.evaluate` wrote
   angle_stats.json, results.json  written last
 
@@ -47,6 +48,7 @@ IMAGES = "images"
 EVALUATIONS = "evaluations"
 ANGLE_STATS = "angle_stats.json"
 RESULTS = "results.json"
+WANDB_RUN_ID = "wandb_run_id"
 LAUNCH_LOG = "launch.log"
 SLURM_SCRIPT = "slurm.sbatch"  # what `experiments.launch --target=slurm` submits
 # Files that only a run's workdir holds: a folder with none of them is not a run.
