@@ -160,6 +160,18 @@ def make_train_step(config: ml_collections.ConfigDict, par: sharding.Parallelism
   return par.compile(step, state)
 
 
+def input_batches(config: ml_collections.ConfigDict, datasets: data.Datasets, start_step: int):
+  """The batches this process trains on from batch `start_step` on (a context manager over
+  an iterator of {'image', 'label'}; `pipeline.batches` with the config's data fields)."""
+  image_size = tuple(config.data.image_size) if config.data.image_size else None
+  return pipeline.batches(
+      datasets.train, global_batch_size=config.train.batch_size, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), image_size=image_size, flip=config.data.flip,
+      sampler=config.data.sampler, pk_identities=config.data.pk_identities,
+      pk_images=config.data.pk_images)
+
+
 def due(train_config: ml_collections.ConfigDict, step: int) -> dict[str, bool]:
   """What the loop does after update `step` besides evaluating: {'log': …, 'save': …}.
 
@@ -297,7 +309,6 @@ def _check_shapes(config, directory, checkpoints: workdir.Checkpoints, step: int
 def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
   par, datasets, checkpoints = setup.par, setup.datasets, setup.checkpoints
   steps, batch_size = config.train.steps, config.train.batch_size
-  image_size = tuple(config.data.image_size) if config.data.image_size else None
   num_classes = datasets.num_classes
   restored = checkpoints.restore_latest(
       setup.abstract, sharding.match_tree(setup.abstract, sharding.CLASS_ROWS))
@@ -317,11 +328,7 @@ def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
   stop = errors.StopSignals() if jax.process_count() == 1 else contextlib.nullcontext()
   pending, rows, timer = [], [], (start, time.monotonic())
   try:
-    with stop, pipeline.batches(
-        datasets.train, global_batch_size=batch_size, seed=config.seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        image_size=image_size, flip=config.data.flip, sampler=config.data.sampler,
-        pk_identities=config.data.pk_identities, pk_images=config.data.pk_images) as batches:
+    with stop, input_batches(config, datasets, start) as batches:
       for step in range(start + 1, steps + 1):
         state, metrics = step_fn(state, par.put_batch(next(batches)))
         pending.append((step, metrics))
