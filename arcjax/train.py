@@ -265,7 +265,13 @@ def _set_up(config, directory, primary: bool) -> _Setup:
   checkpoints = workdir.Checkpoints(directory, keep=config.train.keep_checkpoints,
                                     primary=primary)
   try:
+    had_checkpoints = bool(checkpoints.all_steps())
     resume_step = checkpoints.newest_intact()
+    if had_checkpoints and resume_step is None:
+      raise errors.WorkdirError(
+          f"no checkpoint in {directory / workdir.CHECKPOINTS} is intact (see the notes above; "
+          f"they are kept in {directory / workdir.DAMAGED_CHECKPOINTS}): run again to train "
+          "from step 0 here")
     if resume_step is not None:
       _check_shapes(config, directory, checkpoints, resume_step, abstract, datasets.num_classes)
       if resume_step > steps:
