@@ -123,8 +123,9 @@ class Run:
     """L2-normalised embeddings (N, d) float32 of `images`.
 
     `images`: a uint8 array (N, H, W, C), a list of paths, encoded images
-    (bytes) or arrays, or one path or encoded image (N = 1). `flip` fuses each image with its mirror (default: the
-    run's `eval.flip`); `batch_size` defaults to the run's `eval.batch_size`.
+    (bytes) or arrays, or one path or encoded image (N = 1). `flip` fuses
+    each image with its mirror (default: the run's `eval.flip`); `batch_size`
+    defaults to the run's `eval.batch_size`.
     """
     images = preprocess(images, self.image_shape)
     if not len(images):

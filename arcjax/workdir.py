@@ -626,7 +626,8 @@ class Checkpoints:
       try:
         meta = self._read_meta(step)
       except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
-        return f"its meta cannot be read ({' '.join(str(error).split())[:200] or type(error).__name__})"
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        return f"its meta cannot be read ({reason})"
       if _CHECKSUMS_META in meta:
         return (f"its {CHECKSUMS} was never written (the run stopped between saving it and "
                 "recording its checksums), so it cannot be checked")

@@ -243,7 +243,8 @@ def _in_process_config(steps: int, **train_changes):
 @pytest.mark.slow
 def test_a_non_finite_state_never_reaches_a_checkpoint(tmp_path, monkeypatch):
   monkeypatch.setattr(optim, "make_schedule", _nan_from_step(8))
-  with pytest.raises(errors.TrainingError, match=r"non-finite .* at step 8\b.*\(step 5\)"):
+  with pytest.raises(errors.TrainingError,
+                     match=r"non-finite .* at step 8\b.*the newest checkpoint, step 5 in"):
     train.train_and_evaluate(_in_process_config(20), str(tmp_path))
   step, state = _checkpoint(tmp_path)
   assert step == 5
@@ -266,7 +267,7 @@ def test_an_exploding_run_stops_with_one_line_and_keeps_finite_checkpoints(tmp_p
                           "--config.train.momentum=0.0"), 1)
   line = _one_error_line(err)
   assert message in line and "lower config.train.lr" in line, line
-  for folder in (tmp_path / "checkpoints").iterdir():
+  for folder in (tmp_path / "checkpoints").glob("*"):  # none where step 1 diverged
     _, state = _checkpoint(tmp_path, int(folder.name))
     leaves = [np.asarray(x) for x in jax.tree.leaves(state)]
     assert all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
