@@ -237,8 +237,7 @@ class _Setup(NamedTuple):
   samples: np.ndarray  # (16, H, W, C) uint8: the first training images, for the image log
   init: Any  # key -> the initial TrainState
   abstract: Any  # the state's ShapeDtypeStructs, with their shardings
-  checkpoints: workdir.Checkpoints
-  resume_step: int | None  # the newest intact checkpoint's
+  checkpoints: workdir.Checkpoints  # its newest step is intact and fits `abstract`
 
 
 def _set_up(config, directory, primary: bool) -> _Setup:
@@ -280,7 +279,7 @@ def _set_up(config, directory, primary: bool) -> _Setup:
   except BaseException:
     checkpoints.close()
     raise
-  return _Setup(par, datasets, samples, init, abstract, checkpoints, resume_step)
+  return _Setup(par, datasets, samples, init, abstract, checkpoints)
 
 
 def _check_shapes(config, directory, checkpoints: workdir.Checkpoints, step: int, abstract,

@@ -537,7 +537,8 @@ class Checkpoints:
       tried.
     - neither sums nor the announcement (a checkpoint of an arcjax that
       recorded none): restored with a note that it is unverified; if orbax
-      cannot read it, it is damaged.
+      cannot read it (its metadata, or its state when restored), it is
+      damaged.
   Nothing else moves a checkpoint: one that is intact but does not fit the
   requested state raises WorkdirError and stays where it is.
 
@@ -631,6 +632,11 @@ class Checkpoints:
       if _CHECKSUMS_META in meta:
         return (f"its {CHECKSUMS} was never written (the run stopped between saving it and "
                 "recording its checksums), so it cannot be checked")
+      try:  # saved before checksums: what can be checked is that orbax reads its metadata
+        self._manager.item_metadata(step)
+      except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        return f"its metadata cannot be read ({reason})"
       return None
     for name, digest in sums.items():
       if not (folder / name).exists():
@@ -663,10 +669,16 @@ class Checkpoints:
   def stored_shapes(self, step: int) -> tuple[dict[tuple[str, ...], tuple[int, ...]], dict]:
     """({leaf path: shape} of the state checkpoint `step` holds, its meta), read from orbax's
     metadata (no array is read)."""
-    tree = self._manager.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
-    flat = self._ocp.tree.to_flat_dict(tree)
-    return {path: tuple(leaf.shape) for path, leaf in flat.items()}, self._read_meta(step)
+    try:
+      tree = self._manager.item_metadata(step)["state"]
+      tree = getattr(tree, "tree", tree)
+      flat = self._ocp.tree.to_flat_dict(tree)
+      return {path: tuple(leaf.shape) for path, leaf in flat.items()}, self._read_meta(step)
+    except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+      reason = " ".join(str(error).split())[:300] or type(error).__name__
+      raise errors.WorkdirError(f"checkpoint {step} in {self.directory / CHECKPOINTS} passed "
+                                f"its integrity check but its metadata cannot be read: {reason}"
+                                ) from None
 
   def flatten(self, tree: Any) -> dict[tuple[str, ...], Any]:
     """{leaf path: leaf} of a state tree, with the paths `stored_shapes` gives."""
