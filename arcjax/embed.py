@@ -1,10 +1,13 @@
 """Embeds a folder (or a .zip) of images with a trained run, for use elsewhere.
 
   python -m arcjax.embed --workdir=runs/default --images=DIR_OR_ZIP --out=PREFIX [--step=N]
+      [--overwrite]
 
 Writes PREFIX.npy, (N, d) float32 L2-normalised embeddings (the run's own
 preprocessing, flip fusion as its `eval.flip`), and PREFIX.txt, the N image
 paths relative to DIR (or inside the zip), one per line, in the order of the rows.
+Existing outputs are never replaced without --overwrite (checked before anything
+is read).
 """
 
 import argparse
@@ -42,9 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="a folder of images (searched recursively), or a .zip of one")
   parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.npy, PREFIX.txt")
   parser.add_argument("--step", type=int, help="the checkpoint to use (default: the latest)")
+  parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   parser.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
   args = parser.parse_args(argv)
   with errors.report_errors(traceback=args.traceback):
+    outputs = [args.out + ".npy", args.out + ".txt"]
+    existing = [path for path in outputs if os.path.exists(path)]
+    if existing and not args.overwrite:
+      raise errors.DataError(f"{' and '.join(existing)} exist already: --overwrite replaces them, "
+                             "or choose another --out")
     import tqdm  # pylint: disable=import-outside-toplevel
     from arcjax import inference  # pylint: disable=import-outside-toplevel
     from arcjax.data.folders import unpacked  # pylint: disable=import-outside-toplevel

@@ -5,8 +5,12 @@
 
 With no --bins, the run's own evaluation sets (its held-out identities and the
 .bin files of its config); the numbers for the final step equal those in its
-results.json. Prints the verification table and writes it to
-<workdir>/evaluations/step<N>.json.
+results.json. Prints the verification table and writes it, with its source, to
+<workdir>/evaluations/step<N>-<sets>-<id>.json: <sets> is 'own' or the .bin
+names, <id> the start of the SHA-256 of the source (for --bins each file's path
+and the SHA-256 of its content; for the run's own sets the SHA-256 of their
+images and pairs as evaluated). A record is only ever replaced by one of the
+same source: evaluations on other files never overwrite it.
 
 With --ijb, insightface's IJB-B or IJB-C folder (`arcjax.data.ijb`): every face
 aligned and embedded (the run's preprocessing, its raw features and its
@@ -17,15 +21,39 @@ the folder has its lists. Prints the table, writes
 """
 
 import argparse
+import hashlib
+import json
+import re
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from arcjax import errors
 
 
+OWN_SETS = "the run's own sets"
+
+
+def _content_sha256(pair_set) -> str:
+  """SHA-256 of a pair set as evaluated: its images (shape and bytes), pairs and issame."""
+  digest = hashlib.sha256()
+  for array in (pair_set.images, pair_set.pairs.astype("int64"), pair_set.issame.astype(bool)):
+    digest.update(repr(array.shape).encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def record_name(step: int, source: dict[str, Any]) -> str:
+  """The file name of the evaluation record of `step` on `source` (see the module docstring)."""
+  sets = "own" if source["kind"] == OWN_SETS else "+".join(source["sets"])
+  sets = re.sub(r"[^A-Za-z0-9_.+-]+", "_", sets)[:60]
+  source_id = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+  return f"step{step}-{sets}-{source_id}.json"
+
+
 def evaluate(workdir_path: str, step: int | None = None,
-             bins: Sequence[str] = ()) -> tuple[int, dict[str, dict[str, float]]]:
-  """(the step evaluated, {set: verification summary}) of a run's checkpoint."""
+             bins: Sequence[str] = ()) -> tuple[int, dict[str, dict[str, float]], Any]:
+  """(the step evaluated, {set: verification summary}, the record's path) of a run's
+  checkpoint; the record goes to its workdir's evaluations/ (`record_name`), with its source."""
   # pylint: disable=import-outside-toplevel  (a bad flag is reported before these load)
   from arcjax import data, evaluators, inference, workdir
   run = inference.load_run(workdir_path, step)
@@ -34,19 +62,31 @@ def evaluate(workdir_path: str, step: int | None = None,
     raise errors.ConfigError(f"{workdir_path} is a model imported from {run.imported_from}: it has "
                              "no evaluation sets of its own; name .bin files with --bins")
   if bins:
-    eval_sets = {data.bin_name(path): data.load_bin(data.resolve(path), image_size)[0]
-                 for path in bins}
+    eval_sets, files = {}, {}
+    for path in bins:
+      name, resolved = data.bin_name(path), workdir.as_path(data.resolve(path), "verification file")
+      if name in eval_sets:
+        raise errors.ConfigError(f"--bins names two sets {name!r} ({files[name]['path']} and "
+                                 f"{resolved}): rename one file")
+      eval_sets[name] = data.load_bin(resolved, image_size)[0]
+      files[name] = {"path": str(resolved), "sha256": workdir.sha256_of(resolved)}
+    source = {"kind": "files", "sets": files}
   else:
     eval_sets = data.get_datasets(run.config.data).eval_sets
+    source = {"kind": OWN_SETS,
+              "sets": {name: {"content_sha256": _content_sha256(pair_set)}
+                       for name, pair_set in eval_sets.items()}}
   if not eval_sets:
     raise errors.ConfigError(f"{workdir_path} has no evaluation sets; name .bin files with --bins")
   batch = inference.batch_size_for(run.config.eval.batch_size,
                                    *(len(pair_set.images) for pair_set in eval_sets.values()))
   results = evaluators.verify_sets(run.embed_fn, run.variables, eval_sets, batch_size=batch,
                                    flip=run.config.eval.flip)
-  workdir.write_json(workdir.as_path(workdir_path) / workdir.EVALUATIONS / f"step{run.step}.json",
-                     {"step": run.step, "eval": results})
-  return run.step, results
+  path = workdir.as_path(workdir_path) / workdir.EVALUATIONS / record_name(run.step, source)
+  if path.exists() and workdir.read_json(path).get("source") != source:
+    raise errors.WorkdirError(f"{path} holds the record of another source; move it aside")
+  workdir.write_json(path, {"step": run.step, "source": source, "eval": results})
+  return run.step, results, path
 
 
 def _ijb_source(meta) -> dict[str, str]:
@@ -125,9 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     from arcjax import verification  # pylint: disable=import-outside-toplevel
     bins = [path for path in args.bins.split(",") if path]
-    step, results = evaluate(args.workdir, args.step, bins)
-    print(f"verification of {args.workdir} at step {step}:")
+    step, results, record = evaluate(args.workdir, args.step, bins)
+    print(f"verification of {args.workdir} at step {step} on "
+          f"{', '.join(bins) if bins else OWN_SETS}:")
     print(verification.format_table(results))
+    print(f"record: {record}")
   return 0
 
 

@@ -30,7 +30,8 @@ from arcjax.data import images as image_ops
 
 # What a run's checkpoints hold besides the optimiser state: all that inference needs.
 MODEL_KEYS = ("params", "batch_stats", "head")
-Images = np.ndarray | Sequence[bytes | str | os.PathLike | np.ndarray]
+Images = (np.ndarray | str | os.PathLike | bytes
+          | Sequence[bytes | str | os.PathLike | np.ndarray])
 
 
 def embedder(model_config: ml_collections.ConfigDict) -> Callable[[Any, np.ndarray], jax.Array]:
@@ -52,33 +53,50 @@ def batch_size_for(eval_batch_size: int, *set_sizes: int) -> int:
 
 
 def _as_uint8(image: Any, index: int) -> np.ndarray:
-  """One image, given as a path, encoded bytes or an array, as (H, W, C) uint8."""
+  """One image, given as a path, encoded bytes or an array, as (H, W, C) uint8; errors name
+  the image by its index and, for a path, its file."""
+  what = f"image {index}"
   if isinstance(image, (str, os.PathLike)):
+    what = f"image {index} ({os.fspath(image)})"
     try:
       image = workdir.as_path(image, "image").read_bytes()
     except FileNotFoundError:
-      raise errors.DataError(f"image {index}: {image} does not exist") from None
+      raise errors.DataError(f"{what} does not exist") from None
+    except IsADirectoryError:
+      raise errors.DataError(f"{what} is a folder, not an image file") from None
   if isinstance(image, (bytes, bytearray)):
     try:
       return image_ops.decode_image(bytes(image))
     except ValueError as error:
-      raise errors.DataError(f"image {index}: {error}") from None
+      raise errors.DataError(f"{what}: {error}") from None
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim not in (2, 3):
-    raise errors.DataError(f"image {index}: expected uint8 (H, W[, C]), got {image.dtype} "
+    raise errors.DataError(f"{what}: expected uint8 (H, W[, C]), got {image.dtype} "
                            f"{image.shape}")
   return image[..., None] if image.ndim == 2 else image
+
+
+def _as_list(images: Images) -> list[Any]:
+  """`images` as a list of single images: one path or encoded image becomes a list of one."""
+  if isinstance(images, (str, os.PathLike, bytes, bytearray)):
+    return [images]
+  if isinstance(images, np.ndarray):
+    if images.ndim != 4:
+      raise errors.DataError(f"an array of images must be (N, H, W, C) uint8, got {images.dtype} "
+                             f"{images.shape}; for one image pass [image]")
+    return list(images)
+  return list(images)
 
 
 def preprocess(images: Images, image_shape: tuple[int, int, int]) -> np.ndarray:
   """Images as the model was trained on them: (N, H, W, C) uint8 of `image_shape`.
 
-  Resized with the training pipeline's resize; grey images are repeated to 3
-  channels and colour ones averaged to 1 where the model wants it.
+  `images`: see `Run.embed`. Resized with the training pipeline's resize; grey
+  images are repeated to 3 channels and colour ones averaged to 1 where the
+  model wants it.
   """
   height, width, channels = image_shape
-  if isinstance(images, np.ndarray) and images.ndim == 4:
-    images = list(images)
+  images = _as_list(images)
   out = np.empty((len(images), height, width, channels), np.uint8)
   for i, image in enumerate(images):
     out[i] = image_ops.with_channels(image_ops.resize_image(_as_uint8(image, i), (height, width)),
@@ -116,9 +134,10 @@ class Run:
             flip: bool | None = None) -> np.ndarray:
     """L2-normalised embeddings (N, d) float32 of `images`.
 
-    `images`: a uint8 array (N, H, W, C), or a list of paths, encoded images
-    (bytes) or arrays. `flip` fuses each image with its mirror (default: the
-    run's `eval.flip`); `batch_size` defaults to the run's `eval.batch_size`.
+    `images`: a uint8 array (N, H, W, C), a list of paths, encoded images
+    (bytes) or arrays, or one path or encoded image (N = 1). `flip` fuses
+    each image with its mirror (default: the run's `eval.flip`); `batch_size`
+    defaults to the run's `eval.batch_size`.
     """
     images = preprocess(images, self.image_shape)
     if not len(images):
@@ -152,15 +171,25 @@ def load_run(directory: str | os.PathLike, step: int | None = None) -> Run:
     section, name = field.split(".")
     stored[section].setdefault(name, value)
   config = ml_collections.ConfigDict(stored)
-  checkpoints = workdir.Checkpoints(path)
+  # primary=False: a reader holds no lock, so it moves nothing (a trainer may be running here).
+  checkpoints = workdir.Checkpoints(path, primary=False)
   try:
     steps = checkpoints.all_steps()
     if not steps:
       raise errors.WorkdirError(f"{path} holds no checkpoint yet")
     if step is None:
-      step = steps[-1]
+      step = checkpoints.newest_intact()
+      if step is None:
+        raise errors.WorkdirError(f"no checkpoint in {path / workdir.CHECKPOINTS} is intact")
     elif step not in steps:
       raise errors.WorkdirError(f"{path} has no checkpoint at step {step}; it has {steps}")
+    elif (problem := checkpoints.integrity(step)) is not None:
+      raise errors.WorkdirError(f"checkpoint {step} in {path / workdir.CHECKPOINTS} is damaged "
+                                f"({problem})")
+    if checkpoints.unverified(step):
+      print(f"note: checkpoint {step} in {path / workdir.CHECKPOINTS} has no "
+            f"{workdir.CHECKSUMS} (saved before arcjax recorded checksums): read unverified",
+            flush=True)
     arrays, meta = checkpoints.restore_arrays(step, MODEL_KEYS, optional=("head",))
   finally:
     checkpoints.close()

@@ -6,7 +6,8 @@ Files the notebooks and `experiments.collect` read (names in `arcjax.workdir`):
   workdir/images/<name>_step{N:08d}.npz      images (N, H, W, C) uint8
 wandb runs offline (files under workdir/wandb, `wandb sync` later) unless
 `config.wandb.mode` or the WANDB_MODE environment variable says 'online'; it
-never needs a login or a network otherwise.
+never needs a login or a network otherwise. A run keeps one wandb run id
+(workdir/wandb_run_id) across kills and resumes.
 """
 
 import json
@@ -14,6 +15,7 @@ import math
 import os
 import re
 import time
+import uuid
 from typing import Any, Mapping
 
 from etils import epath
@@ -75,6 +77,20 @@ def read_metrics(directory: str | os.PathLike) -> list[dict[str, Any]]:
   return rows
 
 
+def _wandb_run_id(directory: epath.Path) -> str:
+  """The id in `directory`/wandb_run_id; a new one, written there, on the first start."""
+  path = directory / workdir.WANDB_RUN_ID
+  if path.exists():
+    run_id = path.read_text().strip()
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+      return run_id
+    raise errors.WorkdirError(f"{path} holds no wandb run id ({run_id[:40]!r}): remove it to "
+                              "start a new wandb run")
+  run_id = uuid.uuid4().hex[:12]  # wandb's ids: letters and digits
+  workdir.write_text(path, run_id + "\n")
+  return run_id
+
+
 class MetricWriter:
   """Scalars, histograms and images to wandb and to files in the workdir.
 
@@ -112,10 +128,11 @@ class MetricWriter:
       import wandb  # pylint: disable=import-outside-toplevel  (slow import, unneeded when disabled)
       # wandb writes local files; a bucket workdir keeps them in ./wandb.
       local = "wandb" if workdir.is_remote(directory) else os.fspath(directory)
-      # A fresh wandb run per start, named after the workdir: after a SIGKILL the old
-      # run's id can stay held by its orphaned wandb service.
+      # One wandb run for the whole run, however often it was killed and resumed: its id is
+      # kept in the workdir, and each start resumes it (offline, `wandb sync` joins the parts).
       self._run = wandb.init(project=config.wandb.project, dir=local, mode=mode,
-                             name=directory.name, config=config.to_dict(),
+                             name=directory.name, id=_wandb_run_id(directory),
+                             resume="allow", config=config.to_dict(),
                              settings=wandb.Settings(console="off", silent=True))
 
   def flush(self) -> None:

@@ -526,7 +526,9 @@ def loss_config(preset: str = "arcface", **overrides) -> ml_collections.ConfigDi
   """A `config.loss` for a margin preset (see `margins.PRESETS`).
 
   Its s, m1, m2, m3, normalize and bias, the exact gradient and the margin
-  softmax term alone; `overrides` change any field, e.g.
+  softmax term alone. The config holds these values, not the preset's name:
+  every field acts, and `margin_name` names the margin from them. `overrides`
+  change any field, e.g.
   `loss_config('arcface', intra_weight=1.0)` is the paper's ArcFace+Intra.
   `inter_form` picks the paper's Inter ('angle') or insightface's ('cosine');
   `margin_warmup_steps` > 0 anneals the margin in from the plain normalised
@@ -534,7 +536,7 @@ def loss_config(preset: str = "arcface", **overrides) -> ml_collections.ConfigDi
   """
   spec = margins.get_preset(preset)
   config = ml_collections.ConfigDict(dict(
-      preset=preset, s=spec.s, m1=spec.m1, m2=spec.m2, m3=spec.m3,
+      s=spec.s, m1=spec.m1, m2=spec.m2, m3=spec.m3,
       normalize=spec.normalize, bias=spec.bias, gradient="exact",
       softmax_weight=1.0, intra_weight=0.0, inter_weight=0.0, inter_form="angle",
       triplet_weight=0.0, triplet_margin=0.35, margin_warmup_steps=0))
@@ -550,9 +552,20 @@ def _weights(config: Any) -> dict[str, float]:
           "inter": config.inter_weight, "triplet": config.triplet_weight}
 
 
+def margin_name(config: Any) -> str:
+  """The preset of `margins.PRESETS` whose s, m1, m2, m3, normalize and bias a `config.loss`
+  has, else 'custom'."""
+  values = (config.s, config.m1, config.m2, config.m3, config.normalize, config.bias)
+  return next((name for name, spec in margins.PRESETS.items()
+               if (spec.s, spec.m1, spec.m2, spec.m3, spec.normalize, spec.bias) == values),
+              "custom")
+
+
 def describe(config: Any) -> dict[str, Any]:
-  """{'preset': the margin, 'terms': {name: weight} of the active terms}, for results.json."""
-  return {"preset": config.preset,
+  """{'preset': `margin_name`, 's', 'm1', 'm2', 'm3': the margin's values, 'terms': {name:
+  weight} of the active terms}, for results.json: all read from the values that act."""
+  return {"preset": margin_name(config), "s": config.s, "m1": config.m1, "m2": config.m2,
+          "m3": config.m3,
           "terms": {name: weight for name, weight in _weights(config).items() if weight}}
 
 

@@ -16,7 +16,7 @@ import datetime
 import functools
 import hashlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -250,12 +250,37 @@ def _start_from(run: inference.Run, state: TrainState, config: ml_collections.Co
   return state, record
 
 
-def _check_rows(rows: list[dict[str, float]], steps: list[int], max_norm: float,
-                last_checkpoint: int | None, directory) -> None:
+def input_batches(config: ml_collections.ConfigDict, datasets: data.Datasets, start_step: int):
+  """The batches this process trains on from batch `start_step` on (a context manager over
+  an iterator of {'image', 'label'}; `pipeline.batches` with the config's data fields)."""
+  image_size = tuple(config.data.image_size) if config.data.image_size else None
+  return pipeline.batches(
+      datasets.train, global_batch_size=config.train.batch_size, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count(), image_size=image_size, flip=config.data.flip,
+      sampler=config.data.sampler, pk_identities=config.data.pk_identities,
+      pk_images=config.data.pk_images)
+
+
+def due(train_config: ml_collections.ConfigDict, step: int) -> dict[str, bool]:
+  """What the loop does after update `step` besides evaluating: {'log': …, 'save': …}.
+
+  Every `log_every` and `checkpoint_every` steps, and both at the last step.
+  """
+  final = step == train_config.steps
+  return {"log": step % train_config.log_every == 0 or final,
+          "save": step % train_config.checkpoint_every == 0 or final}
+
+
+def check_rows(rows: list[dict[str, float]], steps: list[int], max_norm: float,
+               last_checkpoint: int | None, directory) -> None:
   """Raises TrainingError at the first step whose loss, gradient or state is not finite, or
-  whose parameter norm passed `max_norm`: nothing of it is saved."""
-  kept = (f"stopped before saving it: the last checkpoint (step {last_checkpoint}) in {directory} "
-          "holds finite values" if last_checkpoint is not None else "no checkpoint was saved")
+  whose parameter norm passed `max_norm`: the loop calls it before any save, so nothing of
+  that step is saved."""
+  kept = (f"stopped before saving it; the newest checkpoint, step {last_checkpoint} in "
+          f"{directory}, was saved from a state checked finite (its files' SHA-256 are checked "
+          "when it is restored)" if last_checkpoint is not None else
+          "stopped before saving it; no checkpoint was saved")
   for step, row in zip(steps, rows):
     bad = [name for name in ("loss", "grad_norm", "param_norm") if not np.isfinite(row[name])]
     if bad or row["state_finite"] != 1.0:
@@ -273,6 +298,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str, *,
                        allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the run of `config` in `workdir_path` and evaluates it.
 
+  Everything that can refuse the run is checked before anything is written (but
+  the lock): the config, the devices, the data, the state's shapes against the
+  newest intact checkpoint, a changed config (`workdir.record_config`).
+
   Returns the contents of results.json: {'step', 'train_loss', 'eval': {set:
   scalars}, 'pixel_baseline', 'angle_stats' (or None), 'loss'}. Raises an
   `errors.Error` (one line at the command line) for what a user can fix.
@@ -282,17 +311,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str, *,
   if config.train.init_from and workdir.as_path(config.train.init_from) == directory:
     raise errors.ConfigError("config.train.init_from names the run's own workdir; a resumed run "
                              "starts from its own checkpoint by itself")
-  if config.train.init_from and not workdir.has_checkpoint(directory):
-    _source_run(config)  # refused here, before anything is written, where it cannot fit
   primary = jax.process_index() == 0
   agree = (lambda ok: bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
            if jax.process_count() > 1 else lambda ok: ok)
-  with workdir.open_run(directory, config, allow_changes=allow_config_change, primary=primary,
-                        agree=agree):
-    return _train(config, directory, primary)
+  with workdir.open_run(directory, primary=primary, agree=agree) as record_config:
+    setup = _set_up(config, directory, primary)
+    try:
+      record_config(config, allow_changes=allow_config_change)
+      return _train(config, directory, setup, primary)
+    finally:
+      setup.checkpoints.close()
 
 
-def _train(config, directory, primary: bool) -> dict[str, Any]:
+class _Setup(NamedTuple):
+  """What `_set_up` found: the devices, the data, the state to start from, the checkpoints."""
+  par: sharding.Parallelism
+  datasets: data.Datasets
+  samples: np.ndarray  # (16, H, W, C) uint8: the first training images, for the image log
+  init: Any  # key -> the initial TrainState
+  abstract: Any  # the state's ShapeDtypeStructs, with their shardings
+  checkpoints: workdir.Checkpoints  # its newest step is intact and fits `abstract`
+  source: inference.Run | None  # config.train.init_from's run, for a run not resumed
+
+
+def _set_up(config, directory, primary: bool) -> _Setup:
+  """Every check a run needs before it writes: raises a one-line error, writes nothing (but
+  moves a checkpoint that fails its integrity check aside)."""
   par = sharding.parallelism_for(config.train, config.head)
   steps, batch_size = config.train.steps, config.train.batch_size
   par.check_batch_size(batch_size)
@@ -303,49 +347,97 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
   image_size = tuple(config.data.image_size) if config.data.image_size else None
   samples = pipeline.load_images(datasets.train, np.arange(min(16, len(datasets.train))),
                                  image_size=image_size)
-  num_classes = datasets.num_classes
-  init = functools.partial(create_train_state, config, num_classes=num_classes,
+  init = functools.partial(create_train_state, config, num_classes=datasets.num_classes,
                            image_shape=samples.shape[1:],
                            num_shards=par.num_devices if config.head.sharded else 1)
-  key = jax.random.key(config.seed)
-  abstract = par.abstract(jax.eval_shape(init, key))
+  abstract = par.abstract(jax.eval_shape(init, jax.random.key(config.seed)))
   note = None if config.head.sharded else sharding.replicated_head_note(
       abstract, sharding.device_memory_bytes())
   if note and primary:
     print(note, flush=True)
-  checkpoints = workdir.Checkpoints(directory, keep=config.train.keep_checkpoints)
-  restored = checkpoints.restore_latest(abstract, sharding.match_tree(abstract, sharding.CLASS_ROWS),
-                                        primary=primary)
-  state, start = (restored[0], restored[1]["step"]) if restored else (par.init(init, key), 0)
-  if not restored and config.train.init_from:  # a resumed run's own checkpoint wins
-    state, record = _start_from(_source_run(config), state, config, num_classes,
-                                samples.shape[1:])
+  checkpoints = workdir.Checkpoints(directory, keep=config.train.keep_checkpoints,
+                                    primary=primary)
+  try:
+    had_checkpoints = bool(checkpoints.all_steps())
+    resume_step = checkpoints.newest_intact()
+    if had_checkpoints and resume_step is None:
+      raise errors.WorkdirError(
+          f"no checkpoint in {directory / workdir.CHECKPOINTS} is intact (see the notes above; "
+          f"they are kept in {directory / workdir.DAMAGED_CHECKPOINTS}): run again to train "
+          "from step 0 here")
+    if resume_step is not None:
+      _check_shapes(config, directory, checkpoints, resume_step, abstract, datasets.num_classes)
+      if resume_step > steps:
+        raise errors.ConfigError(f"the latest checkpoint in {directory} is at step {resume_step}, "
+                                 f"past config.train.steps={steps}")
+    # A resumed run's own checkpoint wins over init_from; a new one is refused here where it
+    # cannot start from that run.
+    source = (_source_run(config) if config.train.init_from and resume_step is None else None)
+  except BaseException:
+    checkpoints.close()
+    raise
+  return _Setup(par, datasets, samples, init, abstract, checkpoints, source)
+
+
+def _check_shapes(config, directory, checkpoints: workdir.Checkpoints, step: int, abstract,
+                  num_classes: int) -> None:
+  """Raises WorkdirError, moving nothing, where checkpoint `step` holds a state of other
+  shapes or structure than `abstract` (the class rows of a sharded head may differ by their
+  padding), or of another number of training identities."""
+  stored, meta = checkpoints.stored_shapes(step)
+  requested = {path: tuple(leaf.shape) for path, leaf in checkpoints.flatten(abstract).items()}
+  resizable = checkpoints.flatten(sharding.match_tree(abstract, sharding.CLASS_ROWS))
+  differ = []
+  if meta.get("num_classes", num_classes) != num_classes:
+    differ.append(f"training identities {meta['num_classes']} → {num_classes}")
+  for path in sorted(stored.keys() | requested.keys()):
+    old, new = stored.get(path), requested.get(path)
+    if old is not None and new is not None and (
+        old[1:] == new[1:] and len(old) == len(new) if resizable.get(path) else old == new):
+      continue
+    differ.append(f"{'/'.join(path)} {'absent' if old is None else old} → "
+                  f"{'absent' if new is None else new}")
+  if not differ:
+    return
+  fields = [c for c in workdir.stored_config_changes(directory, config) if not c.free]
+  shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+  raise errors.WorkdirError(
+      f"{directory} holds checkpoint {step} of a state of other shapes than this config's "
+      f"({workdir.describe_changes(fields) + ': ' if fields else ''}{shown}): a checkpoint "
+      "continues only its own shapes, --allow_config_change or not. To start from this run's "
+      f"weights, train in a new workdir with --config.train.init_from={directory}")
+
+
+def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
+  par, datasets, checkpoints = setup.par, setup.datasets, setup.checkpoints
+  steps, batch_size = config.train.steps, config.train.batch_size
+  num_classes = datasets.num_classes
+  restored = checkpoints.restore_latest(
+      setup.abstract, sharding.match_tree(setup.abstract, sharding.CLASS_ROWS))
+  state, start = ((restored[0], restored[1]["step"]) if restored
+                  else (par.init(setup.init, jax.random.key(config.seed)), 0))
+  if setup.source is not None:
+    state, record = _start_from(setup.source, state, config, num_classes,
+                                setup.samples.shape[1:])
     if primary:
       workdir.write_json(directory / workdir.INIT_FROM, record)
       print(f"started from {record['workdir']} (step {record['step']}): its backbone; centres "
             f"{record['centres']}", flush=True)
-  if start > steps:
-    raise errors.ConfigError(f"the latest checkpoint in {directory} is at step {start}, past "
-                             f"config.train.steps={steps}")
-  meta = {"num_classes": num_classes, "image_shape": list(samples.shape[1:]),
+  meta = {"num_classes": num_classes, "image_shape": list(setup.samples.shape[1:]),
           "num_devices": par.num_devices, "parallel": par.mode}
   writer = arcjax_logging.MetricWriter(directory, config, enabled=primary,
                                        keep_through_step=start if restored else None)
   progress = arcjax_logging.Progress(steps, start, enabled=primary)
   evals = evaluators.Evaluators(config, datasets, writer, progress, directory, primary=primary)
   if start == 0:
-    writer.write_images(0, {"train/images": samples})
+    writer.write_images(0, {"train/images": setup.samples})
     evals.run(evaluators.ModelView.of(state, 0, num_classes, par.host))
   step_fn = make_train_step(config, par, num_classes, state)
   state = par.to_step(state)
   stop = errors.StopSignals() if jax.process_count() == 1 else contextlib.nullcontext()
   pending, rows, timer = [], [], (start, time.monotonic())
   try:
-    with stop, pipeline.batches(
-        datasets.train, global_batch_size=batch_size, seed=config.seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        image_size=image_size, flip=config.data.flip, sampler=config.data.sampler,
-        pk_identities=config.data.pk_identities, pk_images=config.data.pk_images) as batches:
+    with stop, input_batches(config, datasets, start) as batches:
       for step in range(start + 1, steps + 1):
         state, metrics = step_fn(state, par.put_batch(next(batches)))
         pending.append((step, metrics))
@@ -353,14 +445,14 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
           jax.block_until_ready(metrics)
           timer = (step, time.monotonic())
         final, stopping = step == steps, getattr(stop, "number", None) is not None
-        log = step % config.train.log_every == 0 or final or stopping
-        save = step % config.train.checkpoint_every == 0 or final or stopping
+        events = due(config.train, step)
+        log, save = events["log"] or stopping, events["save"] or stopping
         evaluate = evals.due(step) and not final  # the end's evaluation: after the loop
         if not (log or save or evaluate):
           continue
         new_rows = [par.scalars(m) for _, m in pending]
-        _check_rows(new_rows, [s for s, _ in pending], config.train.max_param_norm,
-                    checkpoints.latest_step(), directory)
+        check_rows(new_rows, [s for s, _ in pending], config.train.max_param_norm,
+                   checkpoints.latest_step(), directory)
         rows, pending = rows + new_rows, []
         if log:
           images_per_s = ((step - timer[0]) * batch_size / (time.monotonic() - timer[1])
@@ -386,7 +478,6 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
       evals.run(evaluators.ModelView.of(par.to_global(state), steps, num_classes, par.host), final=True)
     checkpoints.wait()
   finally:
-    checkpoints.close()
     progress.close()
     writer.close()
   train_loss = next((row["train/loss"] for row in reversed(writer.rows)
@@ -397,4 +488,30 @@ def _train(config, directory, primary: bool) -> dict[str, Any]:
     if results["angle_stats"] is not None:
       workdir.write_json(directory / workdir.ANGLE_STATS, results["angle_stats"])
     workdir.write_json(directory / workdir.RESULTS, results)
+    note = did_not_train_note(writer.rows, config.loss.margin_warmup_steps)
+    if note:
+      print(note, flush=True)
   return results
+
+
+# A run whose last logged train loss is this much above its first did not train.
+_ROSE_FACTOR = 1.1
+
+
+def did_not_train_note(rows: list[dict[str, Any]], margin_warmup_steps: int = 0) -> str | None:
+  """A note when the last logged 'train/loss' of metrics rows (each the mean over its logging
+  window) ends more than 10 % above the first, else None.
+
+  Not before the margin's warm-up is over: while the margin grows, so does the loss of an
+  unchanged model, and a rising loss then says nothing.
+  """
+  logged = [(row["step"], row["train/loss"]) for row in rows
+            if isinstance(row.get("train/loss"), (int, float))]
+  if len(logged) < 2 or logged[-1][0] < margin_warmup_steps:
+    return None
+  (first_step, first), (last_step, last) = logged[0], logged[-1]
+  if not last > _ROSE_FACTOR * first:
+    return None
+  return (f"note: the train loss rose over the run, from {first:.4g} (step {first_step}) to "
+          f"{last:.4g} (step {last_step}): it did not train; a learning rate (config.train.lr) "
+          "or scale (config.loss.s) too large is the usual cause")

@@ -8,6 +8,7 @@ A run is its config plus its workdir. The workdir holds:
   checkpoints/<step>/   orbax: the state (global arrays, as they lie on the devices) + meta
   metrics.jsonl         one JSON row per write: {"step": N, name: value, ...}
   angles/, histograms/, images/   θ records and what also goes to wandb
+  wandb_run_id          the id of the run's wandb run, which every start resumes
   evaluations/          what `python -m arcjax.evaluate` wrote
   angle_stats.json, results.json  written last
   init_from.json        a run started from another run's backbone (config.train.init_from):
@@ -34,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from etils import epath
 
@@ -54,6 +55,7 @@ ANGLE_STATS = "angle_stats.json"
 RESULTS = "results.json"
 INIT_FROM = "init_from.json"
 IMPORTED = "imported.json"
+WANDB_RUN_ID = "wandb_run_id"
 LAUNCH_LOG = "launch.log"
 SLURM_SCRIPT = "slurm.sbatch"  # what `experiments.launch --target=slurm` submits
 # Files that only a run's workdir holds: a folder with none of them is not a run.
@@ -222,6 +224,27 @@ def has_checkpoint(directory: epath.Path) -> bool:
   return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
+def stored_config_changes(directory: epath.Path, config: Any) -> list[Change]:
+  """The fields in which `config` differs from the workdir's config.json ([] without one)."""
+  config_path = directory / CONFIG
+  if not config_path.exists():
+    return []
+  return config_changes(read_json(config_path), config_as_json(config))
+
+
+def check_config_change(directory: epath.Path, config: Any, *,
+                        allow_changes: bool = False) -> list[Change]:
+  """The changes `record_config` would record; raises its refusal. Writes nothing."""
+  changes = stored_config_changes(directory, config)
+  trained = [c for c in changes if not c.free]
+  if trained and has_checkpoint(directory) and not allow_changes:
+    raise errors.WorkdirError(
+        f"{directory} holds a run trained with another config: {describe_changes(trained)}; "
+        "run with --allow_config_change to continue it with the new values (recorded in "
+        f"{CONFIG_HISTORY}), or use a new workdir")
+  return changes
+
+
 def record_config(directory: epath.Path, config: Any, *, allow_changes: bool = False) -> list[Change]:
   """Writes config.json, refusing a change of a trained run's config unless allowed.
 
@@ -232,26 +255,19 @@ def record_config(directory: epath.Path, config: Any, *, allow_changes: bool = F
   (with the time and whether it needed permission), then config.json is
   rewritten. Returns the changes.
   """
-  requested = config_as_json(config)
   config_path = directory / CONFIG
   if not config_path.exists():
-    write_json(config_path, requested)
+    write_json(config_path, config_as_json(config))
     return []
-  changes = config_changes(read_json(config_path), requested)
+  changes = check_config_change(directory, config, allow_changes=allow_changes)
   if not changes:
     return []
-  trained = [c for c in changes if not c.free]
-  if trained and has_checkpoint(directory) and not allow_changes:
-    raise errors.WorkdirError(
-        f"{directory} holds a run trained with another config: {describe_changes(trained)}; "
-        "run with --allow_config_change to continue it with the new values (recorded in "
-        f"{CONFIG_HISTORY}), or use a new workdir")
   entry = {"time": _now(), "changes": [dataclasses.asdict(c) for c in changes],
-           "allowed_by_flag": bool(trained and has_checkpoint(directory))}
+           "allowed_by_flag": bool(any(not c.free for c in changes) and has_checkpoint(directory))}
   history = directory / CONFIG_HISTORY
   previous = history.read_text() if history.exists() else ""
   write_text(history, previous + json.dumps(entry) + "\n")
-  write_json(config_path, requested)
+  write_json(config_path, config_as_json(config))
   return changes
 
 
@@ -404,6 +420,13 @@ class RunLock:
   def release(self) -> None:
     """Gives the lock up (a no-op if not held)."""
     if self._file is not None:
+      # Emptied while still held: the next holder finds no one to take over from (a holder
+      # that died leaves its line, and the next one says it took over). Not unlinked: a
+      # process that opened the old file could then hold a lock on it beside a new one.
+      with contextlib.suppress(OSError):
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.flush()
       self._file.close()  # closing the descriptor releases the flock
       self._file = None
     if self._thread is not None:
@@ -416,33 +439,96 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def open_run(directory: epath.Path, config: Any, *, allow_changes: bool = False,
-             primary: bool = True, agree=lambda ok: ok) -> Iterator[None]:
-  """Holds the workdir for a run: its lock, then config.json checked and written (`record_config`).
+def open_run(directory: epath.Path, *, primary: bool = True,
+             agree=lambda ok: ok) -> Iterator[Callable[..., list[Change]]]:
+  """Holds the workdir for a run: takes its lock, and yields `record(config, allow_changes=False)`.
 
-  Only the `primary` process (the first of a multi-host run) touches the files;
-  `agree(ok) -> ok of the primary` lets every process learn whether it
+  The caller checks everything the run needs (reading only), then calls
+  `record`: `record_config` (a changed config refused, config.json written).
+  Nothing but the lock is written before it; the lock is released on leaving.
+  Only the `primary` process (the first of a multi-host run) touches the
+  files; `agree(ok) -> ok of the primary` lets every process learn whether it
   succeeded (a broadcast), so that all stop together when it did not.
   """
+
+  def agreed(error: errors.Error | None) -> None:
+    if not agree(error is None) and error is None:
+      error = errors.WorkdirError(f"the first process could not open {directory} (see its message)")
+    if error is not None:
+      raise error
+
+  def record(config: Any, *, allow_changes: bool = False) -> list[Change]:
+    changes, error = [], None
+    if primary:
+      try:
+        changes = record_config(directory, config, allow_changes=allow_changes)
+      except errors.Error as caught:
+        error = caught
+    agreed(error)
+    return changes
+
   lock, error = None, None
   if primary:
     try:
+      if directory.exists() and not directory.is_dir():
+        raise errors.WorkdirError(f"workdir {directory} is a file, not a folder: name another "
+                                  "path (or move the file)")
       lock = RunLock(directory).acquire()
-      record_config(directory, config, allow_changes=allow_changes)
     except errors.Error as caught:
       error = caught
-  if not agree(error is None) and error is None:
-    error = errors.WorkdirError(f"the first process could not open {directory} (see its message)")
   try:
-    if error is not None:
-      raise error
-    yield
+    agreed(error)
+    yield record
   finally:
     if lock is not None:
       lock.release()
 
 
 # --- Checkpoints ----------------------------------------------------------------------
+
+CHECKSUMS = "SHA256SUMS"  # sha256sum's format: '<hex>  <path>' a line
+# The meta entry with which a checkpoint declares that its files' SHA-256 follow it.
+_CHECKSUMS_META = "checksums"
+_BLOCK = 1 << 22
+
+
+def files_under(folder: epath.Path) -> list[str]:
+  """Paths of every file under `folder`, relative to it ('/'-separated), sorted."""
+  # walk() gives a bucket's folders without their 'gs://': compare the paths without it.
+  root = os.fspath(folder).split("://", 1)[-1].rstrip("/")
+  found = []
+  for directory, _, names in folder.walk():
+    relative = os.fspath(directory).split("://", 1)[-1][len(root):].strip("/")
+    found += [f"{relative}/{name}" if relative else name for name in names]
+  return sorted(found)
+
+
+def sha256_of(path: epath.Path) -> str:
+  """The SHA-256 (hex) of the file `path`, read in blocks."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    while block := f.read(_BLOCK):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def read_checksums(folder: epath.Path) -> dict[str, str] | None:
+  """{path: SHA-256 hex} of `folder`/SHA256SUMS (sha256sum's format); None without one.
+
+  Raises ValueError for a line that is not '<64 hex digits>  <path>'.
+  """
+  path = folder / CHECKSUMS
+  if not path.exists():
+    return None
+  sums = {}
+  for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+    digest, _, name = line.strip().partition("  ")
+    digest = digest.lower()
+    if not name or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+      raise ValueError(f"{path}: not a sha256sum line: {line[:80]!r}")
+    sums[name.lstrip("*")] = digest
+  return sums
 
 
 @dataclasses.dataclass
@@ -452,30 +538,64 @@ class Checkpoints:
   Saves the state as it lies on the devices (no host copy, no gather of a
   sharded leaf); restores onto any device count: leaves marked resizable (the
   class-centre rows) are padded with zeros or cut to the requested shape.
-  A damaged or partial checkpoint is moved aside to `checkpoints_damaged/` and
-  the next older one is tried.
+
+  Integrity: orbax records no checksum, so once orbax has committed a step
+  (it saves asynchronously) the SHA-256 of each of its files goes to
+  `checkpoints/<step>/SHA256SUMS` (`sha256sum -c` reads it there); this happens
+  at the next `save`, `wait` or `close`. A step's meta says that its sums
+  follow it. Before a step is trusted (restored, or its shapes read) its files
+  are checked against them (`integrity`):
+    - every file matches: intact;
+    - a file differs or is missing, the sums or the meta are unreadable, or
+      the meta announces sums that were never written (the process died
+      between orbax's commit and the sums): damaged. The first process moves
+      it to `checkpoints_damaged/<step>-<time>/`, and the next older step is
+      tried.
+    - neither sums nor the announcement (a checkpoint of an arcjax that
+      recorded none): restored with a note that it is unverified; if orbax
+      cannot read it (its metadata, or its state when restored), it is
+      damaged.
+  Nothing else moves a checkpoint: one that is intact but does not fit the
+  requested state raises WorkdirError and stays where it is.
+
+  `primary`: whether this process writes (the sums, the moves); in a
+  multi-host run only the first does, every process verifies. A reader that
+  holds no lock on the workdir (`inference.load_run`) passes False: it names a
+  damaged checkpoint and skips it, and the run's next start moves it.
   """
   directory: epath.Path
   keep: int = 2
+  primary: bool = True
 
   def __post_init__(self):
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     self._ocp = ocp
     self._manager = ocp.CheckpointManager(
         self.directory / CHECKPOINTS,
-        options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=False),
         item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
+    self._pending: int | None = None  # saved, its sums not yet written
+    self._checked: dict[int, str | None] = {}  # step -> its `integrity` verdict
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return self.directory / CHECKPOINTS / str(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts writing checkpoint `step` (asynchronously; `wait` or `close` to finish).
 
-    A local disk without room for it is reported before anything is written
-    (OSError ENOSPC), rather than from orbax's writer threads halfway through.
+    The previous step's sums are written first. A local disk without room for
+    it is reported before anything is written (OSError ENOSPC), rather than
+    from orbax's writer threads halfway through.
     """
+    self._write_pending_sums()
+    (self.directory / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     if not is_remote(self.directory):
       import shutil  # pylint: disable=import-outside-toplevel
       import jax  # pylint: disable=import-outside-toplevel
@@ -485,7 +605,100 @@ class Checkpoints:
         raise OSError(errno.ENOSPC, f"checkpoint {step} needs about {needed / 2**20:.1f} MiB, "
                       f"{free / 2**20:.1f} MiB are free", os.fspath(self.directory / CHECKPOINTS))
     self._manager.save(step, args=self._ocp.args.Composite(
-        state=self._ocp.args.PyTreeSave(state), meta=self._ocp.args.JsonSave(meta)))
+        state=self._ocp.args.PyTreeSave(state),
+        meta=self._ocp.args.JsonSave({**meta, _CHECKSUMS_META: CHECKSUMS})))
+    self._pending = step
+
+  def _write_pending_sums(self) -> None:
+    """Waits for orbax to commit the pending step, then writes its SHA256SUMS."""
+    if self._pending is None:
+      return
+    self._manager.wait_until_finished()
+    step, self._pending = self._pending, None
+    folder = self._step_dir(step)
+    if self.primary and folder.exists():
+      sums = {name: sha256_of(folder / name) for name in files_under(folder)}
+      write_text(folder / CHECKSUMS, "".join(f"{digest}  {name}\n"
+                                             for name, digest in sums.items()))
+      self._checked[step] = None
+
+  def integrity(self, step: int) -> str | None:
+    """None if checkpoint `step` is intact or predates checksums, else what is wrong with it
+    (see the class docstring); `unverified(step)` tells the two apart."""
+    if step not in self._checked:
+      self._checked[step] = self._check(step)
+    return self._checked[step]
+
+  def unverified(self, step: int) -> bool:
+    """Whether `step` has no SHA256SUMS and announces none (written before arcjax kept them)."""
+    return not (self._step_dir(step) / CHECKSUMS).exists()
+
+  def _check(self, step: int) -> str | None:
+    folder = self._step_dir(step)
+    try:
+      sums = read_checksums(folder)
+    except (ValueError, OSError) as error:
+      return f"its {CHECKSUMS} cannot be read ({' '.join(str(error).split())[:200]})"
+    if sums is None:
+      try:
+        meta = self._read_meta(step)
+      except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        return f"its meta cannot be read ({reason})"
+      if _CHECKSUMS_META in meta:
+        return (f"its {CHECKSUMS} was never written (the run stopped between saving it and "
+                "recording its checksums), so it cannot be checked")
+      try:  # saved before checksums: what can be checked is that orbax reads its metadata
+        self._manager.item_metadata(step)
+      except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        return f"its metadata cannot be read ({reason})"
+      return None
+    for name, digest in sums.items():
+      if not (folder / name).exists():
+        return f"its file {name} is missing"
+      if sha256_of(folder / name) != digest:
+        return f"its file {name} does not match the SHA-256 recorded when it was saved"
+    return None
+
+  def _read_meta(self, step: int) -> dict[str, Any]:
+    ocp = self._ocp
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def _damaged(self, step: int, reason: str) -> None:
+    moved = f"moved to {DAMAGED_CHECKPOINTS}/; " if self.primary else ""
+    print(f"note: checkpoint {step} in {self.directory / CHECKPOINTS} is damaged ({reason}); "
+          f"{moved}trying an older one", flush=True)
+    if self.primary:
+      self._move_aside(step)
+
+  def newest_intact(self) -> int | None:
+    """The newest step that passes `integrity`; damaged newer ones are named on stdout and
+    moved aside (by the `primary` process). None if there is none."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      problem = self.integrity(step)
+      if problem is None:
+        return step
+      self._damaged(step, problem)
+    return None
+
+  def stored_shapes(self, step: int) -> tuple[dict[tuple[str, ...], tuple[int, ...]], dict]:
+    """({leaf path: shape} of the state checkpoint `step` holds, its meta), read from orbax's
+    metadata (no array is read)."""
+    try:
+      tree = self._manager.item_metadata(step)["state"]
+      tree = getattr(tree, "tree", tree)
+      flat = self._ocp.tree.to_flat_dict(tree)
+      return {path: tuple(leaf.shape) for path, leaf in flat.items()}, self._read_meta(step)
+    except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+      reason = " ".join(str(error).split())[:300] or type(error).__name__
+      raise errors.WorkdirError(f"checkpoint {step} in {self.directory / CHECKPOINTS} passed "
+                                f"its integrity check but its metadata cannot be read: {reason}"
+                                ) from None
+
+  def flatten(self, tree: Any) -> dict[tuple[str, ...], Any]:
+    """{leaf path: leaf} of a state tree, with the paths `stored_shapes` gives."""
+    return self._ocp.tree.to_flat_dict(self._ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
 
   def _restore(self, step: int, abstract_state: Any, resizable: Any) -> tuple[Any, dict]:
     import jax  # pylint: disable=import-outside-toplevel
@@ -502,38 +715,36 @@ class Checkpoints:
         meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
-  def restore_latest(self, abstract_state: Any, resizable: Any, *,
-                     primary: bool = True) -> tuple[Any, dict] | None:
-    """(state, meta) of the newest checkpoint that restores; None if there is none.
+  def restore_latest(self, abstract_state: Any, resizable: Any) -> tuple[Any, dict] | None:
+    """(state, meta) of the newest intact checkpoint; None if there is none.
 
     `abstract_state`: jax.ShapeDtypeStruct leaves with their shardings;
-    `resizable`: a matching tree of bools. Damaged checkpoints are named on
-    stdout and moved aside (by the first process); raises WorkdirError when
-    every checkpoint is damaged.
+    `resizable`: a matching tree of bools. Damaged checkpoints are named and
+    moved aside (see the class docstring); raises WorkdirError when every
+    checkpoint is damaged, or when an intact one does not restore into
+    `abstract_state` (it stays where it is).
     """
-    damaged = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    had_steps = bool(self._manager.all_steps())
+    while (step := self.newest_intact()) is not None:
       try:
-        return self._restore(step, abstract_state, resizable)
+        restored = self._restore(step, abstract_state, resizable)
       except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        if "tree structures do not match" in reason:  # whole, but of another state: keep it
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        if not self.unverified(step):
           raise errors.WorkdirError(
-              f"checkpoint {step} in {self.directory / CHECKPOINTS} holds a state of another "
-              f"structure than this run's (the model, optimiser or code changed): {reason}"
-              ) from None
-        damaged.append(f"{step} ({reason})")
-        print(f"note: checkpoint {step} in {self.directory / CHECKPOINTS} cannot be "
-              f"restored ({reason}); trying an older one", flush=True)
-        if primary:
-          self._move_aside(step)
-    if damaged:
-      raise errors.WorkdirError(f"no checkpoint in {self.directory / CHECKPOINTS} restores: "
-                                + "; ".join(damaged))
+              f"checkpoint {step} in {self.directory / CHECKPOINTS} is intact (its files match "
+              f"their SHA-256) but does not restore into this run's state: {reason}") from None
+        self._checked[step] = f"orbax cannot restore it: {reason}"
+        self._damaged(step, self._checked[step])
+        continue
+      if self.unverified(step):
+        print(f"note: checkpoint {step} in {self.directory / CHECKPOINTS} has no {CHECKSUMS} "
+              "(saved before arcjax recorded checksums): restored unverified", flush=True)
+      return restored
+    if had_steps:
+      raise errors.WorkdirError(f"no checkpoint in {self.directory / CHECKPOINTS} is intact: "
+                                f"the damaged ones are in {self.directory / DAMAGED_CHECKPOINTS}")
     return None
-
-  def all_steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
 
   def restore_arrays(self, step: int, keys: tuple[str, ...],
                      optional: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict]:
@@ -541,7 +752,7 @@ class Checkpoints:
 
     For inference: reads only those entries (not the optimiser state), whatever
     device layout they were saved from. Keys in `optional` may be absent (an
-    imported model has no centres).
+    imported model has no centres). The caller checks `integrity` first.
     """
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -563,16 +774,24 @@ class Checkpoints:
     return restored["state"], restored["meta"]
 
   def _move_aside(self, step: int) -> None:
-    source = self.directory / CHECKPOINTS / str(step)
+    source = self._step_dir(step)
     target = self.directory / DAMAGED_CHECKPOINTS / f"{step}-{int(time.time())}"
     target.parent.mkdir(parents=True, exist_ok=True)
     # A bucket has no empty folders: a file makes the target's parent exist for the rename.
-    write_text(target.parent / "README", "checkpoints that could not be restored, kept aside\n")
+    write_text(target.parent / "README", "checkpoints that failed their integrity check, kept "
+               "aside (see arcjax.workdir.Checkpoints)\n")
     source.rename(target)
+    self._checked.pop(step, None)
     self._manager.reload()
 
   def wait(self) -> None:
+    """Waits for the pending save, and writes its sums."""
+    self._write_pending_sums()
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    """`wait`, then closes the manager."""
+    try:
+      self._write_pending_sums()
+    finally:
+      self._manager.close()

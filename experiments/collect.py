@@ -17,6 +17,17 @@ difference, sqrt(s1²/n1 + s2²/n2), where both rows have at least 2 seeds.
 A statistic that does not apply to a row (the trainer wrote None: W-EC and
 W-Inter of a loss that never trains the class centres) shows as '–'; a missing
 one as '—'. Runs without results.json are unfinished and listed under the table.
+
+A seeded row's mean is over runs of one experiment: their config.json agree
+in every field but `seed` and those that change neither the training nor the
+measurement (`workdir.FREE_FIELDS` less `train.steps`, `eval.flip`,
+`data.max_pairs`, `data.eval_bins`, `angles.probe_size`), their
+config_history.jsonl record the same changes (a run whose steps were extended
+trained under another schedule than one started at that length), and the seed
+of `seed<k>` is k. A run that breaks this (against the largest group of
+agreeing seeds; on a tie, the one with the smallest seed), has no config.json,
+or a results.json with no evaluation and no angle statistic, is left out of
+the mean and named under the table with the reason; its row is marked †.
 """
 
 import argparse
@@ -44,6 +55,11 @@ NOT_APPLICABLE = "not applicable"
 NOT_APPLICABLE_MARK = "–"  # en dash
 MISSING_MARK = "—"  # em dash
 SIGNIFICANCE_MARK = "*"
+LEFT_OUT_MARK = "†"
+# Free fields (workdir.FREE_FIELDS) that still change what a run measures or how long it
+# trained: the seeds of a row must agree in them.
+MEASURED_FIELDS = ("train.steps", "eval.flip", "data.max_pairs", "data.eval_bins",
+                   "angles.probe_size")
 _ABSENT = object()
 
 
@@ -105,20 +121,39 @@ def _last_step(metrics_path: epath.Path) -> int | None:
   return step
 
 
+def _read_history(path: epath.Path) -> list[dict[str, Any]]:
+  """The changes config_history.jsonl records, in order ([] without one)."""
+  if not path.exists():
+    return []
+  changes = []
+  for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+    try:
+      entry = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(entry, dict) and isinstance(entry.get("changes"), list):
+      changes += [c for c in entry["changes"] if isinstance(c, dict) and "field" in c]
+  return changes
+
+
 def _read_run(run_dir: epath.Path, row: str, seed: int | None) -> dict[str, Any]:
   """One entry of `collect` (see there)."""
   name = row if seed is None else f"{row}/{plan.seed_folder(seed)}"
   config_path = run_dir / workdir.CONFIG
   config = workdir.read_json(config_path) if config_path.exists() else None
-  run = {"name": name, "row": row, "seed": seed, "path": str(run_dir), "config": config}
+  run = {"name": name, "row": row, "seed": seed, "path": str(run_dir), "config": config,
+         "history": _read_history(run_dir / workdir.CONFIG_HISTORY), "empty": False}
   results_path = run_dir / workdir.RESULTS
   if not results_path.exists():
     return {**run, "finished": False, "step": _last_step(run_dir / workdir.METRICS),
             "loss": None, "eval": {}, "angle_stats": {}}
   results = workdir.read_json(results_path)
   _check_results(results_path, results)
+  angle_stats = results.get("angle_stats") or {}
   return {**run, "finished": True, "step": results.get("step"), "loss": results.get("loss"),
-          "eval": results.get("eval", {}), "angle_stats": results.get("angle_stats") or {}}
+          "eval": results.get("eval", {}), "angle_stats": angle_stats,
+          "empty": not results.get("eval") and not any(
+              angle_stats.get(key) is not None for key, _ in ANGLE_COLUMNS)}
 
 
 def _seed_runs(row_dir: epath.Path) -> list[tuple[int, epath.Path]]:
@@ -144,7 +179,9 @@ def collect(root: str) -> list[dict[str, Any]]:
     or None), 'loss' (results' loss entry or None), 'eval' ({set: {'accuracy',
     'accuracy_std', …}} as fractions in [0, 1], empty while unfinished),
     'angle_stats' ({'w_ec_deg', …} degrees, or None where a statistic does not
-    apply; empty while unfinished), 'config' (config.json's content or None).
+    apply; empty while unfinished), 'config' (config.json's content or None),
+    'history' (the changes config_history.jsonl records, in order), 'empty'
+    (a results.json with no evaluation and no angle statistic).
 
   Raises:
     WorkdirError naming the file (and field) of anything unreadable.
@@ -220,6 +257,66 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
   return [("eval", s) for s in sets] + [("angle_stats", key) for key, _ in ANGLE_COLUMNS]
 
 
+def _compared(field: str) -> bool:
+  """Whether the seeds of a row must agree in config field `field` (not `seed`)."""
+  return field != "seed" and (not workdir.is_free_field(field) or field in MEASURED_FIELDS)
+
+
+def _history(run: dict[str, Any]) -> list[tuple[str, str, str]]:
+  """The recorded changes of a run that change its training or measurement (seed included)."""
+  return [(c["field"], json.dumps(c.get("stored")), json.dumps(c.get("requested")))
+          for c in run.get("history", []) if c["field"] == "seed" or _compared(c["field"])]
+
+
+def _describe_history(changes: list[tuple[str, str, str]]) -> str:
+  return ", ".join(f"{field}: {old} → {new}" for field, old, new in changes) or "none"
+
+
+def _difference(reference: dict[str, Any], run: dict[str, Any]) -> str | None:
+  """Why `run` is not a seed of `reference`'s experiment; None if it is."""
+  changes = [c for c in workdir.config_changes(reference["config"], run["config"])
+             if _compared(c.field)]
+  if changes:
+    return f"its config differs from {reference['name']}'s: {workdir.describe_changes(changes)}"
+  if _history(run) != _history(reference):
+    return (f"it trained under other config changes than {reference['name']} (its "
+            f"{workdir.CONFIG_HISTORY}: {_describe_history(_history(run))}; "
+            f"{reference['name']}'s: {_describe_history(_history(reference))})")
+  return None
+
+
+def left_out(runs: Sequence[dict[str, Any]]) -> dict[str, str]:
+  """{name: reason} of the finished runs of one row that its mean leaves out (module doc)."""
+  finished = [r for r in runs if r["finished"]]
+  reasons = {r["name"]: "its results.json holds no evaluation and no angle statistic"
+             for r in finished if r.get("empty")}
+  if not any(r.get("seed") is not None for r in finished):
+    return reasons
+  for run in finished:
+    config = run.get("config")
+    if run["name"] in reasons:
+      continue
+    if config is None:
+      reasons[run["name"]] = f"it has no {workdir.CONFIG}: its config cannot be checked"
+    elif config.get("seed") != run["seed"]:
+      reasons[run["name"]] = (f"its config.seed is {json.dumps(config.get('seed'))}, "
+                              f"not {run['seed']}")
+  groups: list[list[dict[str, Any]]] = []
+  for run in sorted((r for r in finished if r["name"] not in reasons),
+                    key=lambda r: r["seed"]):
+    group = next((g for g in groups if _difference(g[0], run) is None), None)
+    if group is None:
+      groups.append([run])
+    else:
+      group.append(run)
+  if groups:
+    kept = max(groups, key=len)  # the first of the largest: on a tie, the smallest seed's
+    for group in groups:
+      if group is not kept:
+        reasons.update({run["name"]: _difference(kept[0], run) for run in group})
+  return {r["name"]: reasons[r["name"]] for r in finished if r["name"] in reasons}
+
+
 def summarize(runs: Sequence[dict[str, Any]],
               reference: str | None = DEFAULT_REFERENCE) -> list[dict[str, Any]]:
   """Groups `collect`'s runs by row, with the statistics over each row's finished seeds.
@@ -232,20 +329,22 @@ def summarize(runs: Sequence[dict[str, Any]],
 
   Returns:
     One dict per row: 'row', 'seeded' (its runs are seed<k> folders), 'n'
-    (finished runs), 'runs' (its entries of `runs`), 'eval' ({set: Cell of the
-    accuracy}), 'angle_stats' ({key: Cell, NOT_APPLICABLE, or None if missing}),
-    'marked' (the (section, key) columns whose mean differs from the
-    reference's; see `differs`).
+    (finished runs counted), 'runs' (its entries of `runs`), 'left_out'
+    ({name: reason} of finished runs not counted, see `left_out`), 'eval'
+    ({set: Cell of the accuracy}), 'angle_stats' ({key: Cell, NOT_APPLICABLE,
+    or None if missing}), 'marked' (the (section, key) columns whose mean
+    differs from the reference's; see `differs`).
   """
   groups: dict[str, list[dict[str, Any]]] = {}
   for run in runs:
     groups.setdefault(run.get("row", run["name"]), []).append(run)
   rows = []
   for name, members in groups.items():
-    finished = [r for r in members if r["finished"]]
+    excluded = left_out(members)
+    finished = [r for r in members if r["finished"] and r["name"] not in excluded]
     seeded = any(r.get("seed") is not None for r in members)
     row = {"row": name, "seeded": seeded, "n": len(finished), "runs": members,
-           "eval": {}, "angle_stats": {}, "marked": []}
+           "left_out": excluded, "eval": {}, "angle_stats": {}, "marked": []}
     sets = dict.fromkeys(s for r in finished for s in r["eval"])
     for s in sets:
       if seeded:
@@ -314,8 +413,9 @@ def to_markdown(runs: Sequence[dict[str, Any]],
                 reference: str | None = DEFAULT_REFERENCE) -> str:
   """The table of rows with finished runs: accuracy in %, angles in degrees (2 decimals).
 
-  A column N (finished seeds) where any row is seeded; footnotes say what ±,
-  the marks and the dashes mean; unfinished runs are listed under the table.
+  A column N (finished seeds counted) where any row is seeded; footnotes say
+  what ±, the marks and the dashes mean; runs left out of a row's mean
+  (`left_out`, row marked †) and unfinished runs are listed under the table.
   """
   rows = summarize(runs, reference)
   shown = [r for r in rows if r["n"]]
@@ -327,12 +427,17 @@ def to_markdown(runs: Sequence[dict[str, Any]],
   lines = ["| " + " | ".join(header) + " |",
            "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
   for row in shown:
-    cells = [row["row"]] + ([str(row["n"])] if with_n else [])
+    label = row["row"] + (f" {LEFT_OUT_MARK}" if row["left_out"] else "")
+    cells = [label] + ([str(row["n"])] if with_n else [])
     cells += [_format(row[section].get(key), 100.0 if section == "eval" else 1.0,
                       (section, key) in row["marked"]) for section, key in columns]
     lines.append("| " + " | ".join(cells) + " |")
   for note in _footnotes(shown, reference):
     lines += ["", note]
+  excluded = [(name, reason) for row in rows for name, reason in row["left_out"].items()]
+  if excluded:
+    lines += ["", f"{LEFT_OUT_MARK} Left out of the mean (N counts the rest):"]
+    lines += [f"- {name}: {reason}" for name, reason in excluded]
   unfinished = [r for r in runs if not r["finished"]]
   if unfinished:
     lines += ["", "Unfinished: " + ", ".join(_unfinished_note(r) for r in unfinished)]
@@ -355,7 +460,8 @@ def to_csv(runs: Sequence[dict[str, Any]], reference: str | None = DEFAULT_REFER
   """Every row, finished or not: loss, status (finished, partial, unfinished), n (finished
   runs), spread (what the _std columns are: 'seeds' or 'folds'), then per column its mean
   and _std (accuracy in %, angles in degrees, 4 decimals; empty where missing or not
-  applicable), and differs_from_reference (the marked columns, ';'-separated)."""
+  applicable), differs_from_reference (the marked columns, ';'-separated), and left_out
+  (the runs not counted, 'name: reason' '; '-separated)."""
   rows = summarize(runs, reference)
   columns = _columns(rows)
   names = {column: (f"{column[1]}_accuracy" if column[0] == "eval" else column[1])
@@ -365,13 +471,14 @@ def to_csv(runs: Sequence[dict[str, Any]], reference: str | None = DEFAULT_REFER
     header += [names[column], f"{names[column]}_std"]
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator="\n")
-  writer.writerow(header + ["differs_from_reference"])
+  writer.writerow(header + ["differs_from_reference", "left_out"])
   for row in rows:
     spread = "seeds" if row["seeded"] else "folds" if row["n"] else ""
     cells = [row["row"], _status(row), row["n"], spread]
     for section, key in columns:
       cells += _csv_number(row[section].get(key), 100.0 if section == "eval" else 1.0)
     cells.append(";".join(names[column] for column in row["marked"]))
+    cells.append("; ".join(f"{name}: {reason}" for name, reason in row["left_out"].items()))
     writer.writerow(cells)
   return buffer.getvalue()
 

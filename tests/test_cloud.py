@@ -48,7 +48,9 @@ def test_a_run_in_a_bucket_resumes_and_is_read_back(gcs, tmp_path):
   table = _python(gcs, "-m", "experiments.collect", "gs://bucket/grid").stdout
   assert "arcface" in table and f"{100 * results['eval']['holdout']['accuracy']:.2f}" in table
   evaluated = _python(gcs, "-m", "arcjax.evaluate", f"--workdir={run}")
-  assert json.loads(_read_gs(gcs, f"{run}/evaluations/step15.json"))["eval"] == results["eval"]
+  record = evaluated.stdout.split("record: ")[1].split()[0]
+  assert record.startswith(f"{run}/evaluations/step15-own-")
+  assert json.loads(_read_gs(gcs, record))["eval"] == results["eval"]
   assert "holdout" in evaluated.stdout
   loaded = _python(gcs, "-c", textwrap.dedent(f"""\
       import numpy as np
@@ -58,6 +60,36 @@ def test_a_run_in_a_bucket_resumes_and_is_read_back(gcs, tmp_path):
       print(run.step, run.centres.shape, run.embed(images).shape)
       """)).stdout.split()
   assert loaded == ["15", "(200,", "32)", "(3,", "32)"]
+
+
+@pytest.mark.slow
+def test_checkpoints_in_a_bucket_carry_their_sha256_and_damage_is_moved_aside(gcs):
+  checked = _python(gcs, "-c", textwrap.dedent("""\
+      import jax, jax.numpy as jnp
+      from etils import epath
+      from arcjax import workdir
+      directory = workdir.as_path("gs://bucket/sums")
+      state = lambda v: {"w": jnp.full((64, 64), v, jnp.float32)}
+      checkpoints = workdir.Checkpoints(directory, keep=5)
+      for step in (1, 2):
+        checkpoints.save(step, state(float(step)), {"step": step})
+      checkpoints.close()
+      sums = workdir.read_checksums(directory / "checkpoints" / "2")
+      name = max(sums, key=lambda n: (directory / "checkpoints" / "2" / n).stat().length)
+      file = directory / "checkpoints" / "2" / name
+      data = bytearray(file.read_bytes())
+      data[len(data) // 2] ^= 0x01
+      file.write_bytes(bytes(data))
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      abstract = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=device)}
+      checkpoints = workdir.Checkpoints(directory, keep=5)
+      state, meta = checkpoints.restore_latest(abstract, {"w": False})
+      checkpoints.close()
+      print("restored", meta["step"], float(state["w"][0, 0]))
+      print("kept", checkpoints.all_steps())
+      """))
+  assert "checkpoint 2 in gs://bucket/sums/checkpoints is damaged" in checked.stdout, checked.stdout
+  assert "restored 1 1.0" in checked.stdout and "kept [1]" in checked.stdout
 
 
 @pytest.mark.slow

@@ -345,3 +345,54 @@ def test_orl_faces(shared_datasets, tmp_path, capsys):
   np.testing.assert_array_equal(read_bin_labels(out / "holdout.bin"),
                                 [held_out.index(name) for name in identities])
   np.testing.assert_array_equal(issame, np.array(identities[0::2]) == np.array(identities[1::2]))
+
+
+def _zip_of(path: pathlib.Path, entries: list[tuple[str, np.ndarray]]) -> pathlib.Path:
+  """A zip of PNG images under the given entry names (a name may repeat)."""
+  import io  # pylint: disable=import-outside-toplevel
+  import warnings  # pylint: disable=import-outside-toplevel
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(path, "w") as archive, warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # zipfile warns of a duplicate name; that is the point here
+    for name, image in entries:
+      buffer = io.BytesIO()
+      Image.fromarray(image).save(buffer, format="PNG")
+      archive.writestr(name, buffer.getvalue())
+  return path
+
+
+def _people(count: int = 3, images: int = 3) -> list[tuple[str, np.ndarray]]:
+  return [(f"faces/s{person}/{i}.png", np.full((16, 16), 10 * person + i, np.uint8))
+          for person in range(1, count + 1) for i in range(images)]
+
+
+def test_a_zip_with_an_entry_twice_is_refused_naming_it(tmp_path, capsys):
+  """The second faces/s1/1.png, another person's face, would replace s1's own: refused."""
+  archive = _zip_of(tmp_path / "faces.zip",
+                    _people() + [("faces/s1/1.png", np.full((16, 16), 255, np.uint8))])
+  with pytest.raises(SystemExit):
+    convert.main([str(archive), str(tmp_path / "out"), "--size", "16",
+                  "--holdout-identities", "0"])
+  err = capsys.readouterr().err
+  assert err == (f"error: {archive} holds the entry faces/s1/1.png more than once; one copy "
+                 "would silently replace the other\n")
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["../evil/1.png", "/abs/evil/1.png", "faces/../../evil.png"])
+def test_a_zip_with_an_entry_outside_its_folder_is_refused(tmp_path, capsys, entry):
+  archive = _zip_of(tmp_path / "faces.zip", _people() + [(entry, np.zeros((16, 16), np.uint8))])
+  with pytest.raises(SystemExit):
+    convert.main([str(archive), str(tmp_path / "out"), "--size", "16",
+                  "--holdout-identities", "0"])
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"holds entries outside its own folder ({entry})" in err, err
+
+
+def test_an_identity_with_sub_folders_is_one_line_naming_the_zip_s_entry(tmp_path):
+  archive = _zip_of(tmp_path / "faces.zip",
+                    _people() + [("faces/s1/more/9.png", np.zeros((16, 16), np.uint8))])
+  result = _convert_subprocess(str(archive), str(tmp_path / "out"), "--size", "16")
+  assert result.returncode == 1 and result.stdout == ""
+  assert result.stderr == (f"error: identity folder {archive}:faces/s1 holds images and also "
+                           "sub-folders with images; an identity must be a leaf folder\n")

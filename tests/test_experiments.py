@@ -676,11 +676,18 @@ def test_tpu_pod_deploy_command_unpacks_the_archive_in_a_real_shell(grid_repo,
 
 # --- collect ------------------------------------------------------------------------
 
-def _write_run(root: pathlib.Path, name: str, results=None, metrics=None, config=True):
+def _write_run(root: pathlib.Path, name: str, results=None, metrics=None, config=True,
+               history=None):
+  """A run folder: config.json (True: a stand-in naming the row; a dict: that), metrics.jsonl
+  text, results.json, and config_history.jsonl entries (a list of lists of changes)."""
   run = root / name
   run.mkdir(parents=True)
   if config:
-    (run / "config.json").write_text(json.dumps({"loss": {"preset": name}}))
+    config = {"loss": {"s": 64.0}, "train": {"steps": 10}} if config is True else config
+    (run / "config.json").write_text(json.dumps(config))
+  for changes in history or ():
+    with open(run / "config_history.jsonl", "a", encoding="utf-8") as f:
+      f.write(json.dumps({"time": "t", "changes": changes, "allowed_by_flag": False}) + "\n")
   if metrics is not None:
     (run / "metrics.jsonl").write_text(metrics)
   if results is not None:
@@ -718,7 +725,8 @@ def test_collect_reads_finished_and_unfinished_runs(runs_root):
       ("arcface", "arcface", None, True, 300), ("norm_softmax", "norm_softmax", None, True, 300),
       ("triplet", "triplet", None, True, 300), ("ws_queued", "ws_queued", None, False, 200),
       ("zz_queued", "zz_queued", None, False, None)]
-  assert runs[0]["config"] == {"loss": {"preset": "arcface"}} and runs[4]["config"] is None
+  assert runs[0]["config"] == {"loss": {"s": 64.0}, "train": {"steps": 10}}
+  assert runs[4]["config"] is None
   assert runs[2]["angle_stats"]["w_ec_deg"] is None
 
 
@@ -747,13 +755,13 @@ def test_to_csv_single_runs(runs_root):
       "loss,status,n,spread,lfw_accuracy,lfw_accuracy_std,cfp_fp_accuracy,cfp_fp_accuracy_std,"
       "w_ec_deg,w_ec_deg_std,w_inter_deg,w_inter_deg_std,intra1_deg,intra1_deg_std,inter1_deg,"
       "inter1_deg_std,intra2_deg,intra2_deg_std,inter2_deg,inter2_deg_std,"
-      "differs_from_reference\n"
-      "arcface,finished,1,folds,99.5340,0.1000,,,14.2900,,81.0300,,15.0123,,72.9910,,,,,,\n"
+      "differs_from_reference,left_out\n"
+      "arcface,finished,1,folds,99.5340,0.1000,,,14.2900,,81.0300,,15.0123,,72.9910,,,,,,,\n"
       "norm_softmax,finished,1,folds,98.0000,1.2300,90.0000,0.5000,14.2900,,81.0300,,15.0123,,"
-      "72.9910,,30.0000,,60.5000,,\n"
-      "triplet,finished,1,folds,50.0000,10.0000,,,,,,,15.0123,,72.9910,,,,,,\n"
-      "ws_queued,unfinished,0,,,,,,,,,,,,,,,,,,\n"
-      "zz_queued,unfinished,0,,,,,,,,,,,,,,,,,,\n")
+      "72.9910,,30.0000,,60.5000,,,\n"
+      "triplet,finished,1,folds,50.0000,10.0000,,,,,,,15.0123,,72.9910,,,,,,,\n"
+      "ws_queued,unfinished,0,,,,,,,,,,,,,,,,,,,\n"
+      "zz_queued,unfinished,0,,,,,,,,,,,,,,,,,,,\n")
   assert collect_lib.to_csv(collect_lib.collect(str(runs_root))) == expected
 
 
@@ -766,6 +774,11 @@ SEEDED = {
 }
 
 
+def _seed_config(row: str, seed: int, steps: int = 10) -> dict:
+  return {"seed": seed, "loss": {"m2": 0.5 if row.startswith("arc") else 0.0},
+          "train": {"steps": steps, "lr": 0.1, "log_every": 5}, "eval": {"every": 5}}
+
+
 @pytest.fixture
 def seeded_root(tmp_path) -> pathlib.Path:
   root = tmp_path / "seeded"
@@ -773,7 +786,8 @@ def seeded_root(tmp_path) -> pathlib.Path:
     for seed, (accuracy, w_ec) in enumerate(seeds):
       _write_run(root / row, f"seed{seed}", {
           "step": 10, "eval": {"lfw": {"accuracy": accuracy, "accuracy_std": 0.5}},
-          "angle_stats": {"w_ec_deg": w_ec, "intra1_deg": 10.0 + seed}})
+          "angle_stats": {"w_ec_deg": w_ec, "intra1_deg": 10.0 + seed}},
+          config=_seed_config(row, seed))
   _write_run(root / "arcface", "seed3", metrics='{"step": 4}\n')
   return root
 
@@ -807,6 +821,64 @@ def test_summarize_seeded_rows_against_hand_computed_statistics(seeded_root):
   assert rows["cosface"]["eval"]["lfw"] == collect_lib.Cell(0.93, None, 1)
   assert rows["cosface"]["marked"] == []
   assert rows["norm_softmax"]["marked"] == []
+
+
+def _seeded_run(root, row, folder, accuracy, config, history=None):
+  _write_run(root / row, folder, {"step": config["train"]["steps"],
+                                  "eval": {"lfw": {"accuracy": accuracy}}, "angle_stats": {}},
+             config=config, history=history)
+
+
+def test_a_row_s_mean_is_over_runs_of_one_config_and_the_others_are_named(tmp_path):
+  """A 200-step run copied in as seed2, a run of seed 0 copied in as seed7: not averaged in."""
+  root = tmp_path / "grid"
+  for seed, accuracy in enumerate((0.90, 0.92)):
+    _seeded_run(root, "arcface", f"seed{seed}", accuracy, _seed_config("arcface", seed))
+  _seeded_run(root, "arcface", "seed2", 0.60, _seed_config("arcface", 2, steps=200))
+  _seeded_run(root, "arcface", "seed7", 0.61, _seed_config("arcface", 0))
+  # Fields that change neither training nor measurement may differ.
+  relaxed = _seed_config("arcface", 3)
+  relaxed["train"]["log_every"], relaxed["eval"]["every"] = 50, 500
+  _seeded_run(root, "arcface", "seed3", 0.91, relaxed)
+  [row] = collect_lib.summarize(collect_lib.collect(str(root)))
+  assert row["n"] == 3 and row["eval"]["lfw"].mean == pytest.approx(0.91)
+  assert row["left_out"] == {
+      "arcface/seed2": "its config differs from arcface/seed0's: train.steps: 10 → 200",
+      "arcface/seed7": "its config.seed is 0, not 7"}
+  table = collect_lib.to_markdown(collect_lib.collect(str(root)))
+  assert "| arcface † | 3 | 91.00 ± 1.00 |" in table, table
+  assert ("† Left out of the mean (N counts the rest):\n"
+          "- arcface/seed2: its config differs from arcface/seed0's: train.steps: 10 → 200\n"
+          "- arcface/seed7: its config.seed is 0, not 7\n") in table
+  [csv_row] = csv_rows(collect_lib.to_csv(collect_lib.collect(str(root))))
+  assert csv_row["status"] == "partial" and csv_row["left_out"].startswith("arcface/seed2: ")
+
+
+def test_seeds_trained_under_another_schedule_are_not_averaged_together(tmp_path):
+  """Seeds 0-1 extended from 10 to 20 steps (re-stretched schedule), seed 2 started at 20."""
+  root = tmp_path / "grid"
+  extended = [[{"field": "train.steps", "stored": 10, "requested": 20, "free": True}]]
+  for seed in (0, 1):
+    _seeded_run(root, "ns", f"seed{seed}", 0.9, _seed_config("ns", seed, 20), history=extended)
+  _seeded_run(root, "ns", "seed2", 0.8, _seed_config("ns", 2, 20))
+  [row] = collect_lib.summarize(collect_lib.collect(str(root)))
+  assert row["n"] == 2 and list(row["left_out"]) == ["ns/seed2"]
+  assert row["left_out"]["ns/seed2"] == (
+      "it trained under other config changes than ns/seed0 (its config_history.jsonl: none; "
+      "ns/seed0's: train.steps: 10 → 20)")
+  # A tie keeps the group of the smallest seed.
+  _seeded_run(root, "ns", "seed3", 0.8, _seed_config("ns", 3, 20))
+  [row] = collect_lib.summarize(collect_lib.collect(str(root)))
+  assert sorted(row["left_out"]) == ["ns/seed2", "ns/seed3"]
+
+
+def test_an_empty_results_file_is_named_not_a_row_of_dashes(tmp_path):
+  root = tmp_path / "grid"
+  _write_run(root, "arcface", {})
+  _write_run(root, "cosface", {"step": 10, "eval": {"lfw": {"accuracy": 0.9}}})
+  table = collect_lib.to_markdown(collect_lib.collect(str(root)))
+  assert "| arcface" not in table
+  assert "- arcface: its results.json holds no evaluation and no angle statistic" in table
 
 
 def test_differs_is_two_standard_errors_of_the_difference():

@@ -92,6 +92,14 @@ def test_offline_wandb_run_files_appear(tmp_path, monkeypatch):
   records = list(runs[0].glob("run-*.wandb"))
   assert len(records) == 1 and records[0].stat().st_size > 0
   assert arcjax_logging.read_metrics(tmp_path) == [{"step": 1, "train/loss": 3.0}]
+  # A resume (after a kill, say) continues the same wandb run: one id, kept in the workdir.
+  writer = arcjax_logging.MetricWriter(tmp_path, _config("offline"), keep_through_step=1)
+  writer.write_scalars(2, {"train/loss": 2.0})
+  writer.close()
+  run_id = (tmp_path / "wandb_run_id").read_text().strip()
+  parts = sorted((tmp_path / "wandb").glob("offline-run-*"))
+  # offline-run-<time>-<id>, '-1' added when both start in the same second
+  assert len(parts) == 2 and all(f"-{run_id}" in part.name for part in parts), parts
 
 
 def test_progress_writes_eval_lines(capsys):

@@ -253,3 +253,17 @@ def test_bad_shapes_and_labels_raise():
   with pytest.raises(ValueError, match="no scale or margin"):
     losses.margin_softmax_loss(jnp.asarray(x), jnp.asarray(w), jnp.asarray(y),
                                normalize=False, m2=0.5)
+
+
+def test_the_config_holds_the_margin_s_values_and_results_name_them_from_those():
+  """No label beside the values: a preset only fills them in, and the name is read back."""
+  config = losses.loss_config("cosface")
+  assert "preset" not in config and (config.m2, config.m3) == (0.0, 0.35)
+  assert losses.describe(config)["preset"] == "cosface"
+  config.m3 = 0.0
+  assert losses.describe(config)["preset"] == "norm_softmax"
+  config.m2 = 0.5
+  assert losses.describe(config) == {"preset": "arcface", "s": 64.0, "m1": 1.0, "m2": 0.5,
+                                     "m3": 0.0, "terms": {"softmax": 1.0}}
+  config.s = 30.0
+  assert losses.describe(config)["preset"] == "custom"

@@ -1,6 +1,7 @@
 """The command line: config overrides, one-line errors before any compile, a cheap start,
 and a short real run with its evaluate and embed commands."""
 
+import hashlib
 import json
 import os
 import pathlib
@@ -33,6 +34,11 @@ def _main(workdir: pathlib.Path, *overrides: str, python_flags=()) -> subprocess
     ("--config.nosuch.field=1", "error: configs/default.py: unknown config key "
                                 "config.nosuch.field: config has no nosuch; its keys: angles, "
                                 "data, eval, head, loss, model, seed, train, wandb"),
+    # The margin is its values (s, m1, m2, m3): a preset name would be a label nothing reads.
+    ("--config.loss.preset=cosface", "error: configs/default.py: unknown config key "
+                                     "config.loss.preset: config.loss has no preset"),
+    ("--config.loss.preset=nosuch", "error: configs/default.py: unknown config key "
+                                    "config.loss.preset: config.loss has no preset"),
     ("--config.train.steps=many", "--config.train.steps=many: invalid literal for int()"),
     ("--config.train.steps=-5", "error: config.train.steps must be an int > 0, got -5"),
     ("--config.loss.s=0", "error: config.loss: scale s must be > 0, got s=0.0"),
@@ -87,7 +93,7 @@ def test_a_gs_workdir_without_credentials_fails_at_once_and_writes_nothing_here(
 
 
 @pytest.mark.slow
-def test_short_run_then_evaluate_and_embed_it(tmp_path):
+def test_short_run_then_evaluate_and_embed_it(tmp_path, capsys):
   run = tmp_path / "run"
   result = _main(run, "--config.train.steps=20", "--config.train.log_every=10",
                  "--config.train.checkpoint_every=10",
@@ -113,11 +119,26 @@ def test_short_run_then_evaluate_and_embed_it(tmp_path):
                              cwd=tmp_path, capture_output=True, text=True, timeout=PATIENCE,
                              env={**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": ""})
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  assert json.loads((run / "evaluations" / "step20.json").read_text())["eval"] == results["eval"]
+  [own] = (run / "evaluations").glob("step20-own-*.json")
+  record = json.loads(own.read_text())
+  assert record["eval"] == results["eval"] and record["source"]["kind"] == "the run's own sets"
   assert f"{100 * results['eval']['holdout']['accuracy']:.2f}" in evaluated.stdout
-  # An earlier checkpoint too, and a .bin named on the command line.
+  assert f"record: {own}" in evaluated.stdout
+  # An earlier checkpoint too.
   evaluated = _run("-m", "arcjax.evaluate", f"--workdir={run}", "--step=10")
-  assert evaluated.returncode == 0 and (run / "evaluations" / "step10.json").exists()
+  assert evaluated.returncode == 0 and list((run / "evaluations").glob("step10-own-*.json"))
+
+  # Another dataset's holdout.bin: a record of its own, keyed and labelled by the file's path
+  # and SHA-256; the run's own record stays as it was.
+  other = _a_small_bin(tmp_path / "other" / "holdout.bin")
+  own_before = own.read_bytes()
+  evaluated = _run("-m", "arcjax.evaluate", f"--workdir={run}", f"--bins={other}")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert own.read_bytes() == own_before
+  [foreign] = (run / "evaluations").glob("step20-holdout-*.json")
+  source = json.loads(foreign.read_text())["source"]
+  assert source == {"kind": "files", "sets": {"holdout": {
+      "path": str(other), "sha256": hashlib.sha256(other.read_bytes()).hexdigest()}}}
 
   # The embed command: one unit row per image file, in the file list's order.
   images = tmp_path / "images" / "a"
@@ -132,3 +153,45 @@ def test_short_run_then_evaluate_and_embed_it(tmp_path):
   vectors = np.load(tmp_path / "emb.npy")
   assert vectors.shape == (3, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
   assert (tmp_path / "emb.txt").read_text().split() == ["a/0.png", "a/1.png", "a/2.png"]
+
+  # In this process from here: load_run, and the embed command's refusals.
+  from arcjax import embed, inference  # pylint: disable=import-outside-toplevel
+  loaded = inference.load_run(run)
+  np.testing.assert_allclose(loaded.embed(str(images / "1.png")), vectors[1:2], atol=1e-5)
+  with pytest.raises(SystemExit):  # the outputs exist: never replaced without --overwrite
+    embed.main([f"--workdir={run}", f"--images={images.parent}", f"--out={tmp_path / 'emb'}"])
+  assert "exist already: --overwrite replaces them" in capsys.readouterr().err
+  (images / "2.png").write_bytes(b"not an image")
+  with pytest.raises(SystemExit):
+    embed.main([f"--workdir={run}", f"--images={images.parent}", f"--out={tmp_path / 'emb'}",
+                "--overwrite"])
+  assert f"({images / '2.png'}): cannot decode image" in capsys.readouterr().err
+
+  # A checkpoint whose bytes changed is named and skipped by load_run (and moved by no reader).
+  newest = run / "checkpoints" / "20"
+  file = max((p for p in newest.rglob("*") if p.is_file() and p.name != "SHA256SUMS"),
+             key=lambda p: p.stat().st_size)
+  data = bytearray(file.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  file.write_bytes(bytes(data))
+  assert inference.load_run(run).step == 10
+  assert "checkpoint 20 in" in capsys.readouterr().out and newest.is_dir()
+  from arcjax import errors  # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.WorkdirError, match="checkpoint 20 in .* is damaged"):
+    inference.load_run(run, 20)
+
+
+def _a_small_bin(path: pathlib.Path) -> pathlib.Path:
+  """A verification .bin of 40 pairs of random 40×40 grey images (another dataset's)."""
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from arcjax.data import pairs  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  encoded = []
+  for _ in range(80):
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(buffer, format="PNG")
+    encoded.append(buffer.getvalue())
+  path.parent.mkdir(parents=True)
+  pairs.write_bin(path, encoded, np.arange(40) % 2 == 0)
+  return path

@@ -59,7 +59,7 @@ def _write_run(run: pathlib.Path, row: str, seed: int, *, finished: bool,
   rng = np.random.default_rng([seed, len(row)])
   end_theta = ROWS[row][0] + seed
   (run / "angles").mkdir(parents=True)
-  (run / "config.json").write_text(json.dumps({"loss": {"preset": row}, "seed": seed}))
+  (run / "config.json").write_text(json.dumps({"loss": {"s": 64.0}, "seed": seed}))
   steps = STEPS if finished else STEPS[:1]
   labels = rng.integers(0, 32, probe).astype(np.int32)
   means = {}

@@ -168,13 +168,57 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, damage):
     else:
       file.write_bytes(file.read_bytes()[:len(file.read_bytes()) // 2])
   out, _ = _finish(_start(tmp_path, 20))
-  assert "checkpoint 15 in" in out and "cannot be restored" in out, out[-2000:]
+  assert "checkpoint 15 in" in out and "is damaged" in out, out[-2000:]
   kept_aside = sorted(p.name.split("-")[0] for p in (tmp_path / "checkpoints_damaged").iterdir())
   assert kept_aside == ["15", "README"]
   step, state = _checkpoint(tmp_path)
   assert step == 20 and int(state["step"]) == 20
   train_steps = [row["step"] for row in _rows(tmp_path) if "train/loss" in row]
   assert train_steps == [5, 10, 15, 20]  # the rows of the lost steps 11-15 written again, once
+
+
+@pytest.mark.slow
+def test_flipped_bytes_in_a_checkpoint_are_damage_and_the_older_one_resumes(tmp_path):
+  """Bytes flipped in a file of the newest checkpoint, its size unchanged: orbax restores such
+  a file without a word, the SHA-256 recorded at save does not match it."""
+  _finish(_start(tmp_path, 15))
+  newest = tmp_path / "checkpoints" / "15"
+  file = max((p for p in newest.rglob("*") if p.is_file() and p.name != "SHA256SUMS"),
+             key=lambda p: p.stat().st_size)
+  data = bytearray(file.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  file.write_bytes(bytes(data))
+  out, _ = _finish(_start(tmp_path, 20))
+  assert "checkpoint 15 in" in out and "does not match the SHA-256" in out, out[-2000:]
+  assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_damaged").iterdir()
+          if p.is_dir()] == ["15"]
+  train_steps = [row["step"] for row in _rows(tmp_path) if "train/loss" in row]
+  assert train_steps == [5, 10, 15, 20]  # resumed from 10: steps 11-15 trained again
+
+
+@pytest.mark.slow
+def test_a_refused_resume_writes_nothing_and_a_shape_change_moves_nothing(tmp_path):
+  _finish(_start(tmp_path, 10))
+  config_before = (tmp_path / "config.json").read_bytes()
+  rows_before = _rows(tmp_path)
+  # A batch that does not split over the devices: refused before config.json is rewritten.
+  _, err = _finish(_start(tmp_path, 20, devices=3), 1)
+  assert "does not split over the 3 devices" in _one_error_line(err)
+  assert (tmp_path / "config.json").read_bytes() == config_before
+  # A change of the trained state's shapes: refused even with the flag, nothing moved.
+  _, err = _finish(_start(tmp_path, 10, "--config.model.embedding_dim=64",
+                          "--allow_config_change"), 1)
+  line = _one_error_line(err)
+  assert "model.embedding_dim: 32 → 64" in line, line
+  assert f"--config.train.init_from={tmp_path}" in line, line
+  assert (tmp_path / "config.json").read_bytes() == config_before
+  assert not (tmp_path / "config_history.jsonl").exists()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "5"]
+  assert not (tmp_path / "checkpoints_damaged").exists()
+  # The original command finds its finished run, as before.
+  _finish(_start(tmp_path, 10))
+  assert _rows(tmp_path) == rows_before
+  assert json.loads((tmp_path / "results.json").read_text())["step"] == 10
 
 
 def _nan_from_step(step: int):
@@ -199,7 +243,8 @@ def _in_process_config(steps: int, **train_changes):
 @pytest.mark.slow
 def test_a_non_finite_state_never_reaches_a_checkpoint(tmp_path, monkeypatch):
   monkeypatch.setattr(optim, "make_schedule", _nan_from_step(8))
-  with pytest.raises(errors.TrainingError, match=r"non-finite .* at step 8\b.*\(step 5\)"):
+  with pytest.raises(errors.TrainingError,
+                     match=r"non-finite .* at step 8\b.*the newest checkpoint, step 5 in"):
     train.train_and_evaluate(_in_process_config(20), str(tmp_path))
   step, state = _checkpoint(tmp_path)
   assert step == 5
@@ -222,7 +267,7 @@ def test_an_exploding_run_stops_with_one_line_and_keeps_finite_checkpoints(tmp_p
                           "--config.train.momentum=0.0"), 1)
   line = _one_error_line(err)
   assert message in line and "lower config.train.lr" in line, line
-  for folder in (tmp_path / "checkpoints").iterdir():
+  for folder in (tmp_path / "checkpoints").glob("*"):  # none where step 1 diverged
     _, state = _checkpoint(tmp_path, int(folder.name))
     leaves = [np.asarray(x) for x in jax.tree.leaves(state)]
     assert all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))

@@ -51,10 +51,35 @@ def _scan(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
   return found
 
 
+def check_zip_names(archive: zipfile.ZipFile, path: str | os.PathLike) -> None:
+  """Raises DataError naming the entries of a zip that would not unpack as themselves: the
+  same name twice (one would replace the other), or a name that leaves the folder it is
+  unpacked to (an absolute path, a drive, a '..' part)."""
+  names = archive.namelist()
+  seen, duplicates = set(), []
+  for name in names:
+    if name in seen and name not in duplicates:
+      duplicates.append(name)
+    seen.add(name)
+  if duplicates:
+    raise errors.DataError(f"{path} holds the entr{'ies' if len(duplicates) > 1 else 'y'} "
+                           f"{', '.join(duplicates[:5])}{' …' if len(duplicates) > 5 else ''} "
+                           "more than once; one copy would silently replace the other")
+  unsafe = [name for name in names
+            if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":")
+            or ".." in pathlib.PurePosixPath(name.replace("\\", "/")).parts]
+  if unsafe:
+    raise errors.DataError(f"{path} holds entries outside its own folder ("
+                           f"{', '.join(unsafe[:5])}{' …' if len(unsafe) > 5 else ''}): "
+                           "refused (absolute paths and '..' are not unpacked)")
+
+
 @contextlib.contextmanager
 def unpacked(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   """`path` if it is a folder; if a .zip (e.g. `arcjax/data/omniglot/*.zip`), the folder it
-  unpacks to, in a temporary directory removed afterwards."""
+  unpacks to, in a temporary directory removed afterwards. A zip whose entries would not
+  unpack as themselves is refused (`check_zip_names`); errors raised inside that name a
+  file of the temporary folder as `<zip>:<entry>`."""
   path = pathlib.Path(path).expanduser()
   if path.suffix.lower() != ".zip":
     yield path
@@ -64,10 +89,16 @@ def unpacked(path: str | os.PathLike) -> Iterator[pathlib.Path]:
   with tempfile.TemporaryDirectory(prefix="arcjax-unzip-") as folder:
     try:
       with zipfile.ZipFile(path) as archive:
+        check_zip_names(archive, path)
         archive.extractall(folder)
     except zipfile.BadZipFile as error:
       raise errors.DataError(f"{path}: not a readable zip ({error})") from None
-    yield pathlib.Path(folder)
+    try:
+      yield pathlib.Path(folder)
+    except errors.DataError as error:  # the user knows the zip, not the temporary copy
+      error.args = tuple(arg.replace(folder + os.sep, f"{path}:").replace(folder, f"{path}:")
+                         if isinstance(arg, str) else arg for arg in error.args)
+      raise
 
 
 class ImageFolderSource:

@@ -25,7 +25,7 @@ import numpy as np
 
 from arcjax import errors
 from arcjax.data import staging
-from arcjax.data.folders import ImageFolderSource
+from arcjax.data.folders import ImageFolderSource, check_zip_names
 from arcjax.data.images import IMAGE_SUFFIXES, decode_image
 from arcjax.data.sources import ArraySource
 
@@ -45,6 +45,7 @@ def _zip_images(path: pathlib.Path) -> dict[str, list[tuple[str, bytes]]]:
   characters: dict[str, list[tuple[str, bytes]]] = {}
   try:
     with zipfile.ZipFile(path) as archive:
+      check_zip_names(archive, path)
       for member in sorted(archive.namelist()):
         parts = member.split("/")
         if len(parts) < 3 or os.path.splitext(parts[-1])[1].lower() not in IMAGE_SUFFIXES:

@@ -20,42 +20,16 @@ from etils import epath
 import tqdm
 
 from arcjax import errors
+from arcjax import workdir
 
 MANIFEST = ".arcjax_staged.json"
-CHECKSUMS = "SHA256SUMS"
+CHECKSUMS = workdir.CHECKSUMS
 _BLOCK = 1 << 22
 
 
 def read_checksums(folder: str | os.PathLike) -> dict[str, str]:
   """{file name: SHA-256 hex} of `folder`/SHA256SUMS (sha256sum's format); {} without one."""
-  path = epath.Path(folder) / CHECKSUMS
-  if not path.exists():
-    return {}
-  sums = {}
-  for line in path.read_text().splitlines():
-    digest, _, name = line.strip().partition("  ")
-    if name:
-      sums[name.lstrip("*")] = digest.lower()
-  return sums
-
-
-def _files(folder: epath.Path) -> list[str]:
-  """Paths of every file under `folder`, relative to it ('/'-separated), sorted."""
-  # walk() gives a bucket's folders without their 'gs://': compare the paths without it.
-  root = os.fspath(folder).split("://", 1)[-1].rstrip("/")
-  found = []
-  for directory, _, names in folder.walk():
-    relative = os.fspath(directory).split("://", 1)[-1][len(root):].strip("/")
-    found += [f"{relative}/{name}" if relative else name for name in names]
-  return sorted(found)
-
-
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(_BLOCK):
-      digest.update(block)
-  return digest.hexdigest()
+  return workdir.read_checksums(epath.Path(folder)) or {}
 
 
 def _copy(source: epath.Path, target: pathlib.Path, bar: tqdm.tqdm) -> str:
@@ -85,7 +59,7 @@ def stage(source: str | os.PathLike, stage_dir: str | os.PathLike) -> pathlib.Pa
   folder = source if source.is_dir() else source.parent
   local = pathlib.Path(stage_dir).expanduser()
   manifest_path = local / MANIFEST
-  names = _files(folder)
+  names = workdir.files_under(folder)
   if manifest_path.is_file():
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("source") != os.fspath(folder):
@@ -102,7 +76,7 @@ def stage(source: str | os.PathLike, stage_dir: str | os.PathLike) -> pathlib.Pa
   with tqdm.tqdm(total=total, unit="B", unit_scale=True, desc=f"staging {folder}") as bar:
     for name in names:
       read = _copy(folder / name, local / name, bar)
-      written = _sha256(local / name)
+      written = workdir.sha256_of(epath.Path(local / name))
       if read != written or expected.get(name, read) != read:
         raise errors.DataError(
             f"staging {folder / name}: SHA-256 of the copy ({written}) does not match "
