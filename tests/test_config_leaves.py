@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import pytest
 from PIL import Image
 
-from arcjax import data, errors, evaluation, evaluators, optim, sharding, train, workdir
+from arcjax import data, errors, verification, evaluators, optim, sharding, train, workdir
 from arcjax import logging as arcjax_logging
 from arcjax.data import omniglot, pairs
 from configs import ablations, default
@@ -300,12 +300,12 @@ def batches(config) -> Any:
 
 def evaluation_(config) -> dict[str, Any]:
   """What the evaluators do (`evaluators.Evaluators`): at each step they are due, what they
-  embed and how (`evaluation.embed_images`' calls); and what they find at the end. The model
+  embed and how (`verification.embed_images`' calls); and what they find at the end. The model
   is a stand-in (a fixed projection of the pixels, random centres): what is
   observed is the evaluators' work, not a network's."""
   datasets = _data_of(config)
   dim = config.model.embedding_dim
-  calls, real = [], evaluation.embed_images
+  calls, real = [], verification.embed_images
 
   def stand_in(embed, images, *, batch_size, flip):
     del embed
@@ -318,7 +318,7 @@ def evaluation_(config) -> dict[str, Any]:
   with _tmp_dir() as directory:
     writer = arcjax_logging.MetricWriter(directory, config, enabled=False)
     progress = arcjax_logging.Progress(config.train.steps, enabled=False)
-    evaluation.embed_images = stand_in
+    verification.embed_images = stand_in
     try:
       evals = evaluators.Evaluators(config, datasets, writer, progress, directory, primary=False)
       done = {}
@@ -328,7 +328,7 @@ def evaluation_(config) -> dict[str, Any]:
           evals.run(evaluators.ModelView(at, {}, centres), final=final)
           done[at], calls[:] = list(calls), []
     finally:
-      evaluation.embed_images = real
+      verification.embed_images = real
     return {"done": done, "found": evals.summary()}
 
 
