@@ -72,6 +72,9 @@ _ABSENT = "<absent>"
 # Fields added after runs were made, with the value every earlier run had: a stored
 # config.json without them meant this, so resuming it or collecting its grid is no change.
 ADDED_FIELDS = {"model.input_mean": 127.5, "model.input_std": 128.0, "train.init_from": ""}
+# Fields that earlier runs' config.json hold and configs no longer have: labels that never
+# changed what was computed (loss.preset named the margin that s, m1, m2, m3 gave).
+REMOVED_FIELDS = ("loss.preset",)
 
 
 # --- Paths -------------------------------------------------------------------------
@@ -205,8 +208,15 @@ def is_free_field(field: str) -> bool:
 
 
 def config_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[Change]:
-  """The fields of two config.json objects that differ, in sorted order."""
-  old, new = {**ADDED_FIELDS, **_flatten(stored)}, _flatten(requested)
+  """The fields of two config.json objects that differ, in sorted order.
+
+  A stored config of an earlier version reads as holding ADDED_FIELDS' values where the
+  requested one has them, and without its REMOVED_FIELDS.
+  """
+  new = _flatten(requested)
+  old = {field: value for field, value in _flatten(stored).items()
+         if field not in REMOVED_FIELDS}
+  old = {**{field: value for field, value in ADDED_FIELDS.items() if field in new}, **old}
   return [Change(field, old.get(field, _ABSENT), new.get(field, _ABSENT), is_free_field(field))
           for field in sorted(old.keys() | new.keys())
           if old.get(field, _ABSENT) != new.get(field, _ABSENT)]

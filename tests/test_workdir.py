@@ -136,3 +136,19 @@ def test_open_run_writes_nothing_but_the_lock_before_record(tmp_path):
     record(default.get_config())
   assert json.loads((tmp_path / "run" / workdir.CONFIG).read_text())["seed"] == 0
   np.testing.assert_equal((tmp_path / "run" / workdir.LOCK).read_text(), "")
+
+
+def test_a_config_json_of_an_earlier_version_is_no_change():
+  # Written before model.input_mean/input_std and train.init_from existed, and with the
+  # former loss.preset label: it meant the requested config's values.
+  earlier = {"loss": {"preset": "arcface", "m2": 0.5}, "model": {"name": "tiny_cnn"},
+             "train": {"lr": 0.1}}
+  requested = {"loss": {"m2": 0.5},
+               "model": {"name": "tiny_cnn", "input_mean": 127.5, "input_std": 128.0},
+               "train": {"lr": 0.1, "init_from": ""}}
+  assert workdir.config_changes(earlier, requested) == []
+  # A value an earlier run could not have had is a change.
+  requested["model"]["input_std"] = 127.5
+  assert [c.field for c in workdir.config_changes(earlier, requested)] == ["model.input_std"]
+  # A field the requested config lacks is not made up for the stored one.
+  assert workdir.config_changes({"seed": 0}, {"seed": 0}) == []
