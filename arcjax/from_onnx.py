@@ -8,7 +8,8 @@ the embedding width and the image size are read from the graph. The workdir
 then holds what a trained run holds for inference: config.json (the default
 config with those fields, the normalisation, `eval.flip` true), a checkpoint
 of the backbone at step 0 (no class centres) and imported.json (the file, its
-SHA-256, where the normalisation came from). The normalisation is the graph's
+SHA-256, where the normalisation came from, which BatchNorms the graph had folded
+into the conv before them). The normalisation is the graph's
 own where it starts with a Sub and a Mul (as `arcjax.export` writes it), else
 the flags', by default insightface's (x − 127.5) / 127.5 on RGB pixels, which
 its zoo models expect outside the graph. Before anything is written, the
@@ -106,6 +107,8 @@ def import_onnx(onnx_path: str | os.PathLike, workdir_path: str,
             "embedding_dim": imported.embedding_dim, "image_shape": [height, width, channels],
             "normalization": {"mean": normalization[0], "std": normalization[1],
                               "from": "as the graph does" if in_graph else "outside the graph"},
+            # Identity plus bias here: a run starting from the model calibrates them first.
+            "folded_batchnorms": list(imported.folded_batchnorms),
             "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
   lock = workdir.RunLock(directory).acquire()
   try:

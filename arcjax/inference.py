@@ -109,7 +109,10 @@ class Run:
   """A trained run: `config`, `step`, `centres` (C, d) float32, `variables` of the backbone.
 
   `image_shape`: (H, W, C) the model was trained on; `embed_fn`: `embedder(config.model)`;
-  `imported_from`: the ONNX file of a workdir made by `arcjax.from_onnx` (else None).
+  `imported_from`: the ONNX file of a workdir made by `arcjax.from_onnx` (else None);
+  `folded_batchnorms`: the paths of its BatchNorms that the graph had folded into the conv
+  before them (imported.json's), to be calibrated before training; None for a workdir
+  imported before arcjax recorded them.
   """
   workdir: str
   config: ml_collections.ConfigDict
@@ -119,6 +122,7 @@ class Run:
   image_shape: tuple[int, int, int]
   embed_fn: Callable[[Any, np.ndarray], jax.Array]
   imported_from: str | None = None
+  folded_batchnorms: tuple[str, ...] | None = ()
 
   def require_centres(self, what: str) -> np.ndarray:
     """The (C, d) centres, or WorkdirError (one line) saying that `what` needs them."""
@@ -195,8 +199,11 @@ def load_run(directory: str | os.PathLike, step: int | None = None) -> Run:
     checkpoints.close()
   centres = (np.asarray(arrays["head"]["centres"][:meta["num_classes"]], np.float32)
              if "head" in arrays else np.zeros((0, config.model.embedding_dim), np.float32))
-  imported = path / workdir.IMPORTED
+  imported = (workdir.read_json(path / workdir.IMPORTED)
+              if (path / workdir.IMPORTED).exists() else None)
+  folded = () if imported is None else imported.get("folded_batchnorms")
   return Run(workdir=os.fspath(path), config=config, step=step, centres=centres,
              variables={"params": arrays["params"], "batch_stats": arrays["batch_stats"]},
              image_shape=tuple(meta["image_shape"]), embed_fn=embedder(config.model),
-             imported_from=workdir.read_json(imported)["onnx"] if imported.exists() else None)
+             imported_from=None if imported is None else imported["onnx"],
+             folded_batchnorms=None if folded is None else tuple(folded))

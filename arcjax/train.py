@@ -1,8 +1,9 @@
 """Training: the state, a pure train step, and `train_and_evaluate`, a short loop over a workdir.
 
 A new run with `config.train.init_from=W` starts from the backbone of workdir W
-(a trained run or a model imported from ONNX), and from its centres when W was
-trained on the same classes; `init_from.json` records where it started.
+(a trained run or a model imported from ONNX, its folded BatchNorms calibrated on
+the run's images), and from its centres when W was trained on the same classes
+(`start_from`); `init_from.json` records where it started.
 
 `train_and_evaluate(config, workdir)` runs a whole config in its workdir
 (`arcjax.workdir` holds the layout and the run's guarantees). Started again with
@@ -39,6 +40,7 @@ from arcjax import optim
 from arcjax import sharding
 from arcjax import workdir
 from arcjax.data import pipeline
+from arcjax.models import onnx_import
 
 
 @flax.struct.dataclass
@@ -187,14 +189,20 @@ def _content_hash(tree: Any) -> str:
   return digest.hexdigest()
 
 
-def _source_run(config: ml_collections.ConfigDict) -> inference.Run:
+def source_run(config: ml_collections.ConfigDict) -> inference.Run:
   """The run of `config.train.init_from`, refused in one line where its backbone cannot be
-  this config's (architecture, embedding width, normalisation, image size)."""
+  this config's (architecture, embedding width, normalisation, image size); the trainer asks
+  before it writes anything."""
   source = config.train.init_from
   try:
     run = inference.load_run(source)
   except errors.WorkdirError as error:
     raise errors.ConfigError(f"config.train.init_from={source}: {error}") from None
+  if run.folded_batchnorms is None:
+    raise errors.ConfigError(
+        f"config.train.init_from={source}: imported by an arcjax that did not record which "
+        "BatchNorms its graph had folded into its convs (they must be calibrated before "
+        f"training): import {run.imported_from} again with python -m arcjax.from_onnx")
   ours, theirs = config.model, run.config.model
   misfits = [f"model.{field}: {theirs[field]!r} there, {ours[field]!r} here"
              for field in ("name", "embedding_dim", "input_mean", "input_std")
@@ -208,44 +216,73 @@ def _source_run(config: ml_collections.ConfigDict) -> inference.Run:
   return run
 
 
-def _start_from(run: inference.Run, state: TrainState, config: ml_collections.ConfigDict,
-                num_classes: int, image_shape: tuple[int, ...]) -> tuple[TrainState, dict]:
-  """`state` with `run`'s backbone, and its centres where the classes match; and the record
-  for init_from.json."""
-  source = config.train.init_from
-  if tuple(run.image_shape) != tuple(image_shape):
-    raise errors.ConfigError(f"config.train.init_from={source}: its backbone embeds images "
-                             f"{tuple(run.image_shape)}, this run's data gives {tuple(image_shape)}")
+# The training images (seeded by config.seed) on which `start_from` calibrates an imported
+# model's folded BatchNorms: one pass; each channel's statistics over N·H·W values.
+CALIBRATION_IMAGES = 256
+
+
+def start_from(source: inference.Run, state: TrainState, config: ml_collections.ConfigDict,
+               datasets: data.Datasets) -> tuple[TrainState, dict]:
+  """The state a new run of `config` starts from, and the record for init_from.json.
+
+  `state`: the run's initial state (`create_train_state`), its backbone replaced by
+  `source`'s (`source_run(config)`), its centres too where the classes match. An
+  imported model's folded BatchNorms (`source.folded_batchnorms`) are first calibrated
+  on `CALIBRATION_IMAGES` of `datasets.train` (`onnx_import.calibrate_folded_batchnorms`),
+  so that training mode starts from the function the model computes.
+  """
+  init_from = config.train.init_from
+  folded = source.folded_batchnorms
+  count = min(CALIBRATION_IMAGES, len(datasets.train)) if folded else 1  # 1: for its shape
+  images = pipeline.load_images(
+      datasets.train, np.sort(np.random.default_rng(config.seed).choice(
+          len(datasets.train), count, replace=False)),
+      image_size=tuple(config.data.image_size) if config.data.image_size else None)
+  if tuple(source.image_shape) != images.shape[1:]:
+    raise errors.ConfigError(f"config.train.init_from={init_from}: its backbone embeds images "
+                             f"{tuple(source.image_shape)}, this run's data gives "
+                             f"{images.shape[1:]}")
   shapes = lambda tree: jax.tree.map(lambda leaf: tuple(leaf.shape), tree)  # noqa: E731
   ours = {"params": state.params, "batch_stats": state.batch_stats}
-  if shapes(run.variables) != shapes(ours):
-    raise errors.ConfigError(f"config.train.init_from={source}: its backbone's parameters do not "
-                             "fit this config's model (another architecture or code version)")
+  if shapes(source.variables) != shapes(ours):
+    raise errors.ConfigError(f"config.train.init_from={init_from}: its backbone's parameters do "
+                             "not fit this config's model (another architecture or code version)")
+  variables, calibration = source.variables, None
+  if folded:
+    model = models.get_model(config.model.name, embedding_dim=config.model.embedding_dim)
+    variables, calibrated = onnx_import.calibrate_folded_batchnorms(
+        model, variables, models.normalize_images(images, models.normalization(config.model)),
+        folded)
+    if jax.process_count() > 1:  # the same values on every process, however each rounded
+      variables = multihost_utils.broadcast_one_to_all(variables)
+    calibration = {"batchnorms": list(calibrated), "images": count, "seed": config.seed,
+                   "left": sorted(set(folded) - set(calibrated))}
 
   def put(leaf, value):
     value = np.asarray(value, leaf.dtype)
     return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: value[index])
 
-  loaded = dict(run.variables)
-  state = state.replace(params=jax.tree.map(put, state.params, run.variables["params"]),
+  loaded = dict(source.variables)
+  state = state.replace(params=jax.tree.map(put, state.params, variables["params"]),
                         batch_stats=jax.tree.map(put, state.batch_stats,
-                                                 run.variables["batch_stats"]))
+                                                 variables["batch_stats"]))
+  num_classes = datasets.num_classes
   differ = [f"data.{field}" for field in _CLASS_FIELDS
-            if run.config.data[field] != config.data[field]]
-  if not len(run.centres):
-    centres = f"fresh: {source} has no centres (an imported model)"
-  elif len(run.centres) != num_classes or differ:
-    centres = (f"fresh: {source} was trained on {len(run.centres)} classes"
+            if source.config.data[field] != config.data[field]]
+  if not len(source.centres):
+    centres = f"fresh: {init_from} has no centres (an imported model)"
+  elif len(source.centres) != num_classes or differ:
+    centres = (f"fresh: {init_from} was trained on {len(source.centres)} classes"
                + (f" of other data ({', '.join(differ)} differ)" if differ else "")
                + f", this run has {num_classes}")
   else:
     padded = np.zeros(state.head["centres"].shape, np.float32)
-    padded[:num_classes] = run.centres
+    padded[:num_classes] = source.centres
     state = state.replace(head={**state.head, "centres": put(state.head["centres"], padded)})
-    loaded["centres"] = run.centres
+    loaded["centres"] = source.centres
     centres = f"loaded: the same {num_classes} classes"
-  record = {"workdir": run.workdir, "step": run.step, "sha256": _content_hash(loaded),
-            "hashed": sorted(loaded), "centres": centres,
+  record = {"workdir": source.workdir, "step": source.step, "sha256": _content_hash(loaded),
+            "hashed": sorted(loaded), "centres": centres, "calibration": calibration,
             "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
   return state, record
 
@@ -372,7 +409,7 @@ def _set_up(config, directory, primary: bool) -> _Setup:
                                  f"past config.train.steps={steps}")
     # A resumed run's own checkpoint wins over init_from; a new one is refused here where it
     # cannot start from that run.
-    source = (_source_run(config) if config.train.init_from and resume_step is None else None)
+    source = (source_run(config) if config.train.init_from and resume_step is None else None)
   except BaseException:
     checkpoints.close()
     raise
@@ -417,12 +454,16 @@ def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
   state, start = ((restored[0], restored[1]["step"]) if restored
                   else (par.init(setup.init, jax.random.key(config.seed)), 0))
   if setup.source is not None:
-    state, record = _start_from(setup.source, state, config, num_classes,
-                                setup.samples.shape[1:])
+    state, record = start_from(setup.source, state, config, datasets)
     if primary:
       workdir.write_json(directory / workdir.INIT_FROM, record)
-      print(f"started from {record['workdir']} (step {record['step']}): its backbone; centres "
-            f"{record['centres']}", flush=True)
+      calibration = record["calibration"]
+      calibrated = (f", its {len(calibration['batchnorms'])} folded BatchNorms calibrated on "
+                    f"{calibration['images']} training images" if calibration else "")
+      left = (f" ({', '.join(calibration['left'])}: no scale, left as imported)"
+              if calibration and calibration["left"] else "")
+      print(f"started from {record['workdir']} (step {record['step']}): its backbone{calibrated}"
+            f"{left}; centres {record['centres']}", flush=True)
   meta = {"num_classes": num_classes, "image_shape": list(setup.samples.shape[1:]),
           "num_devices": par.num_devices, "parallel": par.mode}
   writer = arcjax_logging.MetricWriter(directory, config, enabled=primary,

@@ -20,7 +20,10 @@ How the parameters map:
   - a folded conv (W', b') becomes arcjax's conv W' and its BatchNorm set to the
     identity plus the bias (scale 1, mean 0, var 1 − ε so that √(var + ε) = 1, bias b'):
     the same function in inference, and the same architecture as a trained run, so
-    that export, import and fine-tuning need nothing special;
+    that export and import need nothing special. `Imported.folded_batchnorms` names
+    these BatchNorms: in training mode they would normalise by the batch's statistics,
+    so a run that starts from the model calibrates them first on its own images
+    (`calibrate_folded_batchnorms`);
   - BN epsilons other than arcjax's 1e-5 go into the variance (var + ε − 1e-5);
   - a learnt scale γ of the last BatchNorm (insightface's MobileFaceNet has one;
     IResNet's is frozen at 1) is folded into the FC before it (kernel·γ, mean·γ);
@@ -62,13 +65,16 @@ class Imported:
   `model_name`: a key of `models.MODELS`; `embedding_dim`; `image_shape` (H, W, C);
   `normalization`: (mean, std) found in the graph, or None when the graph has none
   (the caller supplies the convention of where the model came from);
-  `variables`: {'params', 'batch_stats'} float32 NumPy arrays, arcjax's layout.
+  `variables`: {'params', 'batch_stats'} float32 NumPy arrays, arcjax's layout;
+  `folded_batchnorms`: the paths ('stage1_block1/bn2') of the BatchNorms that the graph
+  had folded into the conv (or FC) before them, imported as the identity plus its bias.
   """
   model_name: str
   embedding_dim: int
   image_shape: tuple[int, int, int]
   normalization: tuple[float, float] | None
   variables: dict[str, Any]
+  folded_batchnorms: tuple[str, ...] = ()
 
 
 class _Unplaced(Exception):
@@ -422,10 +428,12 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], values: dict[str, np.ndarr
   tree.update({k: np.asarray(v, np.float32) for k, v in values.items()})
 
 
-def _variables(graph: _Graph, placements: list[_Placement]) -> dict[str, Any]:
-  """The Flax variables of the placed layers (float64 arithmetic, float32 out)."""
+def _variables(graph: _Graph, placements: list[_Placement]
+               ) -> tuple[dict[str, Any], tuple[str, ...]]:
+  """The Flax variables of the placed layers (float64 arithmetic, float32 out), and the paths
+  of the BatchNorms that were folded into the layer before them."""
   producer = {placement.layer.output: placement.layer for placement in placements}
-  params, stats = {}, {}
+  params, stats, folded = {}, {}, []
   pending_bias = None  # the bias of a conv or FC whose arcjax layer has none, for its BN
   dense_path = None
   for placement in placements:
@@ -442,6 +450,7 @@ def _variables(graph: _Graph, placements: list[_Placement]) -> dict[str, Any]:
       if "bn" not in nodes:  # folded into the conv or FC before it: identity + bias
         scale, beta, mean, var = np.ones(channels), bias, np.zeros(channels), np.full(
             channels, 1.0 - BN_EPSILON)
+        folded.append("/".join(layer.path))
       else:
         node = nodes["bn"]
         scale, beta, mean, var = (f64(t).reshape(channels) for t in node.input[1:5])
@@ -485,7 +494,7 @@ def _variables(graph: _Graph, placements: list[_Placement]) -> dict[str, Any]:
         pending_bias = bias
       _set(params, layer.path, values)
       dense_path = layer.path
-  return {"params": params, "batch_stats": stats}
+  return {"params": params, "batch_stats": stats}, tuple(folded)
 
 
 def backbone_from_onnx(proto: onnx.ModelProto) -> Imported:
@@ -509,7 +518,7 @@ def backbone_from_onnx(proto: onnx.ModelProto) -> Imported:
     if id(node) not in used and node.op_type not in _PASS_THROUGH + ("Constant",):
       raise errors.ConfigError(f"cannot place {graph.describe(node)}: it is outside the data "
                                f"path of arcjax's {name}")
-  variables = _variables(graph, placements)
+  variables, folded = _variables(graph, placements)
   expected = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                jnp.zeros((1, *image_shape)), train=False))
   got = jax.tree.map(lambda a: (a.shape, a.dtype), variables)
@@ -517,4 +526,84 @@ def backbone_from_onnx(proto: onnx.ModelProto) -> Imported:
   if got != want:  # a layer graph that no longer mirrors its module: a bug, not a user error
     raise AssertionError(f"imported variables do not fit arcjax's {name}")
   return Imported(model_name=name, embedding_dim=embedding_dim, image_shape=image_shape,
-                  normalization=normalization, variables=variables)
+                  normalization=normalization, variables=variables, folded_batchnorms=folded)
+
+
+def _at(tree: dict[str, Any], path: str) -> dict[str, Any]:
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def _input_moments(model: nn.Module, variables: dict[str, Any], images: jax.Array,
+                   paths: frozenset[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{path: (mean, variance) per channel of the input of BatchNorm `path`}, in training mode
+  on `images` with the BatchNorms at `paths` computing what they compute in inference.
+
+  That is what a layer-by-layer calibration in order would see (each calibrated
+  BatchNorm computes, in training mode on these images, what it computes in inference),
+  in one pass.
+  """
+
+  def moments(variables, images):
+    found = {}
+
+    def hold(next_fun, args, kwargs, context):
+      path = "/".join(context.module.path)
+      if context.method_name != "__call__" or path not in paths:
+        return next_fun(*args, **kwargs)
+      y = jnp.asarray(args[0], jnp.float32)
+      axes = tuple(range(y.ndim - 1))
+      found[path] = (jnp.mean(y, axes), jnp.var(y, axes))
+      # Its inference: an unbound clone (path (), so not held again) with its variables.
+      layer = context.module
+      return layer.clone(parent=None, use_running_average=True).apply(layer.variables, *args,
+                                                                      **kwargs)
+
+    with nn.intercept_methods(hold):
+      model.apply(variables, images, train=True, mutable=["batch_stats"],
+                  rngs={"dropout": jax.random.key(0)})
+    return found
+
+  return jax.device_get(jax.jit(moments)(variables, images))
+
+
+def calibrate_folded_batchnorms(model: nn.Module, variables: dict[str, Any], images: jax.Array,
+                                paths: tuple[str, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+  """`variables` with the BatchNorms at `paths` (`Imported.folded_batchnorms`) calibrated on
+  `images`: the same function in inference, and about the same in training mode.
+
+  Imported as the identity plus a bias, such a BatchNorm computes y + b in inference,
+  but in training mode it normalises y by the batch's statistics, rescaling each channel
+  to unit variance: another function from the first fine-tuning step on. Calibrated, with
+  μ, σ² its input's per-channel mean and variance on `images` (in training mode, the
+  BatchNorms before it calibrated): mean μ, var σ², scale √(σ² + ε), bias μ + b. Inference
+  is unchanged, √(σ² + ε)(y − μ)/√(σ² + ε) + μ + b = y + b, and training mode computes
+  y + b exactly on `images` and nearly on batches of the same distribution. (For any
+  inference affine a·y + c of the layer: scale a√(σ² + ε), bias aμ + c.)
+
+  Args:
+    model: the backbone, float32, without a BatchNorm axis name.
+    variables: {'params', 'batch_stats'} of the backbone.
+    images: (N, H, W, C) float, normalised as the model's input; N of a few hundred.
+    paths: '/'-joined paths of the BatchNorms to calibrate.
+
+  Returns:
+    (the variables, NumPy float32, new dicts; the paths calibrated). A BatchNorm without a
+    learnt scale (the embedding's last one, where a graph folded it into the FC) cannot
+    be: it always normalises in training mode, as it did in the model's own training;
+    it is left as it is, and out of the paths returned.
+  """
+  variables = jax.tree.map(lambda leaf: np.array(leaf, np.float32), variables)
+  params, stats = variables["params"], variables["batch_stats"]
+  calibrated = tuple(path for path in paths if "scale" in _at(params, path))
+  moments = _input_moments(model, variables, images, frozenset(calibrated))
+  for path in calibrated:
+    p, s = _at(params, path), _at(stats, path)
+    a = p["scale"].astype(np.float64) / np.sqrt(s["var"].astype(np.float64) + BN_EPSILON)
+    c = p["bias"] - s["mean"].astype(np.float64) * a
+    mean, var = (np.asarray(m, np.float64) for m in moments[path])
+    p.update(scale=(a * np.sqrt(var + BN_EPSILON)).astype(np.float32),
+             bias=(a * mean + c).astype(np.float32))
+    s.update(mean=mean.astype(np.float32), var=var.astype(np.float32))
+  return variables, calibrated
