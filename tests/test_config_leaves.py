@@ -60,6 +60,7 @@ class Perturb:
 # Files a perturbation points at: made once, in a temporary folder (see `_files`).
 SMALL_ZIP = os.fspath(omniglot.EMBEDDED / "images_background_small1.zip")
 FOLDER, BIN = "<a folder of 6 identities>", "<a .bin of 20 pairs>"
+SOURCE = "<a workdir to start from>"  # made once, only when asked for (see `_source_workdir`)
 
 PERTURBATIONS: dict[str, Perturb] = {
     "seed": Perturb(1),
@@ -67,6 +68,8 @@ PERTURBATIONS: dict[str, Perturb] = {
     "model.embedding_dim": Perturb(64),
     "model.dropout": Perturb(0.3),
     "model.dtype": Perturb("bfloat16"),
+    "model.input_mean": Perturb(100.0),
+    "model.input_std": Perturb(127.5),
     "loss.s": Perturb(30.0),
     "loss.m1": Perturb(1.35),
     "loss.m2": Perturb(0.3),
@@ -112,6 +115,7 @@ PERTURBATIONS: dict[str, Perturb] = {
     "train.keep_checkpoints": Perturb(1),
     "train.log_every": Perturb(100),
     "train.max_param_norm": Perturb(1e6),
+    "train.init_from": Perturb(SOURCE),
     "eval.every": Perturb(300),
     "eval.batch_size": Perturb(64),
     "eval.flip": Perturb(True),
@@ -181,11 +185,34 @@ def _files() -> dict[str, str]:
   return {FOLDER: f"{root}/people", BIN: f"{root}/other.bin"}
 
 
+@functools.lru_cache(maxsize=None)
+def _source_workdir() -> str:
+  """The stand-in of SOURCE: a workdir as a run of configs/default.py leaves it, with the
+  backbone and centres of seed 1's initial state (not the default seed's), its checkpoint
+  written directly (no training), made once for the session."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  datasets = _data_of(config)
+  shape = _image_shape(config, datasets)
+  state = jax.jit(functools.partial(train.create_train_state, config, image_shape=shape,
+                                    num_classes=datasets.num_classes))(jax.random.key(1))
+  directory = workdir.as_path(tempfile.mkdtemp(prefix="arcjax-leaves-")) / "source"
+  workdir.record_config(directory, config)
+  kept = workdir.Checkpoints(directory, keep=1)
+  kept.save(1, {"params": state.params, "batch_stats": state.batch_stats, "head": state.head},
+            {"step": 1, "num_classes": datasets.num_classes, "image_shape": list(shape),
+             "num_devices": 1, "parallel": "none"})
+  kept.close()
+  return os.fspath(directory)
+
+
 def _set(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
   section, _, name = field.rpartition(".")
   target = config
   for part in filter(None, section.split(".")):
     target = target[part]
+  if value == SOURCE:
+    value = _source_workdir()
   files = _files()
   if isinstance(value, tuple):
     value = tuple(files.get(v, v) if isinstance(v, str) else v for v in value)
@@ -274,9 +301,15 @@ def state_shapes(config) -> Any:
 
 
 def state_values(config) -> Any:
-  """The initial train state's values (compiled: the costliest, so the last to be asked)."""
+  """The values of the state a run starts from, as the trainer makes it: the initial state
+  (`train.create_train_state`, compiled: the costliest observable, so the last to be asked),
+  with `train.init_from` the state `train.start_from` makes of it."""
   par = sharding.parallelism_for(config.train, config.head)
-  return _digest(jax.jit(_init(config, par, _data_of(config)))(jax.random.key(config.seed)))
+  datasets = _data_of(config)
+  state = jax.jit(_init(config, par, datasets))(jax.random.key(config.seed))
+  if config.train.init_from:
+    state, _ = train.start_from(train.source_run(config), state, config, datasets)
+  return _digest(state)
 
 
 def step(config) -> str:
@@ -360,7 +393,7 @@ OBSERVABLES: dict[str, Callable[[Any], Any]] = {
     "the initial train state's shapes": state_shapes, "the lowered train step": step,
     "the first batches": batches, "the wandb run": logging_,
     "the checkpoints kept": checkpoints, "the evaluations": evaluation_,
-    "the initial train state's values": state_values,
+    "the values of the state a run starts from": state_values,
 }
 
 
