@@ -16,6 +16,7 @@ chunked and sharded ones through one custom-VJP core, `_softmax_ce`):
 
 The margin comes in as a function (`margins.MarginFn`): cos θ_y ↦ (target logit,
 its slope), evaluated on the R target cosines only, never on the (R, C) matrix.
+The margin and the scale s may be traced (a pack's runs differ in them).
 `margin_term` builds, from `config.head` and `config.loss`, the term that
 `losses.make_loss_fn` composes with the angular terms.
 
@@ -43,9 +44,9 @@ from arcjax import sharding
 # insightface's arcface_torch draws the centres from N(0, 0.01²). The normalised
 # losses see only their directions; the scale sets how fast they turn under SGD.
 CENTRE_INIT_STD = 0.01
-# term(embeddings (B, d), head {'centres', ['bias']}, labels (B,), key, strength) -> (loss, aux)
-MarginTerm = Callable[[jax.Array, dict, jax.Array, jax.Array | None, jax.Array],
-                      tuple[jax.Array, dict[str, jax.Array]]]
+# term(embeddings (B, d), head {'centres', ['bias']}, labels (B,), key, margin, s) -> (loss, aux)
+MarginTerm = Callable[[jax.Array, dict, jax.Array, jax.Array | None, margins.MarginFn,
+                       float | jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -102,7 +103,6 @@ def num_sampled(num_local: int, global_batch: int, sample_rate: float) -> int:
 
 class _Spec(NamedTuple):
   """Static settings of `_softmax_ce` (hashable: a nondiff argument)."""
-  s: float
   chunk_size: int          # columns per chunk; 0 = the whole block at once
   axis_name: str | None    # the class-sharding axis, None on one device
 
@@ -113,7 +113,7 @@ def _chunking(num_columns: int, chunk_size: int) -> tuple[int, int]:
   return width, -(-num_columns // width)
 
 
-def _chunk(i, x_all, centres, labels, valid, target, spec):
+def _chunk(i, x_all, centres, labels, valid, target, s, spec):
   """Logits of the i-th class chunk, (R, width): s·cos, the target column s·`target`, masked
   columns −inf.
 
@@ -130,7 +130,7 @@ def _chunk(i, x_all, centres, labels, valid, target, spec):
   is_target = (columns[None, :] == labels[:, None]) & fresh[None, :]
   # The scale after the select: XLA:CPU then keeps x·Ŵᵀ a plain matrix product (a scale
   # folded into it made the whole-block forward 1.7 times slower at C = 85 742).
-  logits = spec.s * jnp.where(is_target, target[:, None], x_all @ w_hat.T)
+  logits = s * jnp.where(is_target, target[:, None], x_all @ w_hat.T)
   logits = jnp.where(fresh[None, :], logits, -jnp.inf)
   return logits, is_target, fresh, start, w_hat, normalize_vjp
 
@@ -146,13 +146,14 @@ def _scan_chunks(step, init, centres, spec):
   return jax.lax.scan(step, carry, jnp.arange(1, num_chunks))
 
 
-def _log_sum_exp(x_all, centres, labels, valid, target, spec):
+def _log_sum_exp(x_all, centres, labels, valid, target, s, spec):
   """(R,) log Σ_j exp(logit_j) over every class of every shard, and, for the whole block
   (chunk_size 0), what the backward reuses: (logits, Ŵ, the normalisation's VJP); None for
   chunks, which the backward recomputes."""
   rows = x_all.shape[0]
   if spec.chunk_size == 0:
-    logits, _, _, _, w_hat, normalize_vjp = _chunk(0, x_all, centres, labels, valid, target, spec)
+    logits, _, _, _, w_hat, normalize_vjp = _chunk(0, x_all, centres, labels, valid, target, s,
+                                                   spec)
     kept = (logits, w_hat, normalize_vjp)
     row_max = jnp.max(logits, axis=1)
     # A block whose columns are all masked (a shard of padding) gives a zero sum.
@@ -163,7 +164,7 @@ def _log_sum_exp(x_all, centres, labels, valid, target, spec):
 
     def step(carry, i):
       row_max, row_sum = carry
-      chunk = _chunk(i, x_all, centres, labels, valid, target, spec)[0]
+      chunk = _chunk(i, x_all, centres, labels, valid, target, s, spec)[0]
       new_max = jnp.maximum(row_max, jnp.max(chunk, axis=1))
       row_sum = (row_sum * jnp.exp(row_max - new_max)
                  + jnp.sum(jnp.exp(chunk - new_max[:, None]), axis=1))
@@ -178,8 +179,8 @@ def _log_sum_exp(x_all, centres, labels, valid, target, spec):
   return row_max + jnp.log(row_sum), kept
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _softmax_ce(x_all, centres, labels, valid, target, slope, spec):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _softmax_ce(x_all, centres, labels, valid, target, slope, s, spec):
   """Mean softmax cross-entropy of R rows over a block of K classes, the target logit given.
 
   Args:
@@ -189,27 +190,28 @@ def _softmax_ce(x_all, centres, labels, valid, target, slope, spec):
     valid: (K,) bool, False for columns that take no part (padding).
     target: (R,) the target logits before the scale, ψ(cos θ_y), the same on every shard.
     slope: (R,) dψ/dcos θ_y: the target column's cosine enters the backward through it.
+    s: () float32, the scale (an operand, not a static setting: a pack's runs may differ in it).
     spec: `_Spec`.
 
   Returns:
     The mean loss over the R rows (the same on every shard). The VJP gives the
     exact gradient of this block's centres and this block's part of the
     embeddings' gradient (summed over shards by the all-gather's transpose);
-    `target` and `slope` get none (pass them through `stop_gradient`).
+    `target`, `slope` and `s` get none (pass them through `stop_gradient`).
   """
-  return _softmax_ce_fwd(x_all, centres, labels, valid, target, slope, spec)[0]
+  return _softmax_ce_fwd(x_all, centres, labels, valid, target, slope, s, spec)[0]
 
 
-def _softmax_ce_fwd(x_all, centres, labels, valid, target, slope, spec):
-  lse, kept = _log_sum_exp(x_all, centres, labels, valid, target, spec)
-  loss = jnp.mean(lse - spec.s * target)
+def _softmax_ce_fwd(x_all, centres, labels, valid, target, slope, s, spec):
+  lse, kept = _log_sum_exp(x_all, centres, labels, valid, target, s, spec)
+  loss = jnp.mean(lse - s * target)
   # Unchunked, the logits and Ŵ are kept for the backward (no second x·Wᵀ), as autodiff would.
-  return loss, (x_all, centres, labels, valid, target, slope, lse, kept)
+  return loss, (x_all, centres, labels, valid, target, slope, s, lse, kept)
 
 
 def _softmax_ce_bwd(spec, residuals, g):
-  x_all, centres, labels, valid, target, slope, lse, kept = residuals
-  row_g = spec.s * g / x_all.shape[0]  # ∂loss/∂logit of each row, times ∂logit/∂cos = s
+  x_all, centres, labels, valid, target, slope, s, lse, kept = residuals
+  row_g = s * g / x_all.shape[0]  # ∂loss/∂logit of each row, times ∂logit/∂cos = s
 
   def grads(logits, is_target, w_hat, normalize_vjp):
     d_logits = row_g * (jnp.exp(logits - lse[:, None]) - is_target)
@@ -226,7 +228,7 @@ def _softmax_ce_bwd(spec, residuals, g):
     def step(carry, i):
       dx_all, d_centres = carry
       logits, is_target, fresh, start, w_hat, normalize_vjp = _chunk(
-          i, x_all, centres, labels, valid, target, spec)
+          i, x_all, centres, labels, valid, target, s, spec)
       dx, d_chunk = grads(logits, is_target, w_hat, normalize_vjp)
       old = jax.lax.dynamic_slice_in_dim(d_centres, start, d_chunk.shape[0])
       d_centres = jax.lax.dynamic_update_slice_in_dim(
@@ -235,7 +237,8 @@ def _softmax_ce_bwd(spec, residuals, g):
 
     (dx_all, d_centres), _ = _scan_chunks(
         step, (jnp.zeros_like(x_all), jnp.zeros_like(centres)), centres, spec)
-  return dx_all, d_centres, None, None, jnp.zeros_like(target), jnp.zeros_like(slope)
+  return (dx_all, d_centres, None, None, jnp.zeros_like(target), jnp.zeros_like(slope),
+          jnp.zeros_like(s))
 
 
 _softmax_ce.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
@@ -268,7 +271,7 @@ def margin_softmax(
       shard, global classes [k·K, (k+1)·K) on the k-th device of the axis.
     labels: (B,) int global class ids in [0, num_classes).
     margin: cos θ_y ↦ (target logit, slope), e.g. `margins.make_margin(m2=0.5)`.
-    s: the scale.
+    s: the scale, a float or a traced scalar.
     num_classes: C, the real classes; rows ≥ C are padding. None: every row is real.
     chunk_size: > 0 streams over chunks of that many centres; 0, all at once.
     axis_name: the mesh axis the centres and the batch are split over (call
@@ -329,7 +332,8 @@ def margin_softmax(
   cos_y = jax.lax.stop_gradient(cos_y)
   logit_y, slope = jax.lax.stop_gradient(margin(cos_y))
   loss = _softmax_ce(x_all, block, block_labels, valid, logit_y, slope,
-                     _Spec(float(s), int(chunk_size), axis_name))
+                     jax.lax.stop_gradient(jnp.asarray(s, jnp.float32)),
+                     _Spec(int(chunk_size), axis_name))
   own = jax.lax.dynamic_slice_in_dim(cos_y, shard * embeddings.shape[0], embeddings.shape[0])
   return loss, {"theta_y": margins.angle(own), "sampled": sampled}
 
@@ -396,41 +400,43 @@ def check_config(head_config: Any, loss_config: Any) -> None:
 
 def margin_term(loss_config: Any, head_config: Any, num_classes: int,
                 mesh: Mesh | None = None) -> MarginTerm:
-  """The margin softmax term of `config.loss` over the head stored as `config.head`.
+  """The margin softmax term over the head stored as `config.head`.
 
-  A sharded head runs its loss per device under `jax.shard_map` over `mesh`'s
-  axis, the centres split as `sharding.partition_rules` lays them out; the
-  rest of the step stays an ordinary jitted function of global arrays.
-  `strength` anneals the margin (`margins.make_margin`).
+  The term is called as `term(embeddings, head, labels, key, margin, s)`: the
+  margin (`margins.make_margin`, annealed by the warm-up) and the scale come
+  in per call, so that one term serves runs whose values differ
+  (`losses.make_loss_fn` builds them). The plain softmax
+  (`loss.normalize=False`) takes neither. A sharded head runs its loss per
+  device under `jax.shard_map` over `mesh`'s axis, the centres split as
+  `sharding.partition_rules` lays them out; the rest of the step stays an
+  ordinary jitted function of global arrays.
   """
   check_config(head_config, loss_config)
   if not loss_config.normalize:
-    return lambda embeddings, head, labels, key, strength: linear_softmax(
+    return lambda embeddings, head, labels, key, margin, s: linear_softmax(
         embeddings, head["centres"], head["bias"], labels)
-  margin_of = functools.partial(margins.make_margin, loss_config.m1, loss_config.m2,
-                                loss_config.m3, gradient=loss_config.gradient)
-  options = dict(s=loss_config.s, num_classes=num_classes, chunk_size=head_config.chunk_size)
+  options = dict(num_classes=num_classes, chunk_size=head_config.chunk_size)
   if not head_config.sharded:
-    return lambda embeddings, head, labels, key, strength: margin_softmax(
-        embeddings, head["centres"], labels, margin=margin_of(strength=strength), **options)
+    return lambda embeddings, head, labels, key, margin, s: margin_softmax(
+        embeddings, head["centres"], labels, margin=margin, s=s, **options)
   if mesh is None:
     raise ValueError("a sharded head needs the mesh it is sharded over")
 
-  def local(embeddings, centres, labels, key, strength):
-    loss, aux = margin_softmax(embeddings, centres, labels, margin=margin_of(strength=strength),
-                               axis_name=sharding.AXIS, sample_rate=head_config.sample_rate,
-                               key=key, **options)
-    # shard_map (check_vma=False) transposes this replicated output by handing each of
-    # the N devices 1/N of its cotangent; the core's gradient is that of the whole loss.
-    return _scale_cotangent(loss, jax.lax.axis_size(sharding.AXIS)), aux["theta_y"]
+  def sharded(embeddings, head, labels, key, margin, s):
+    # The margin and s are closed over (traced or not): the same on every device.
+    def local(embeddings, centres, labels, key):
+      loss, aux = margin_softmax(embeddings, centres, labels, margin=margin, s=s,
+                                 axis_name=sharding.AXIS, sample_rate=head_config.sample_rate,
+                                 key=key, **options)
+      # shard_map (check_vma=False) transposes this replicated output by handing each of
+      # the N devices 1/N of its cotangent; the core's gradient is that of the whole loss.
+      return _scale_cotangent(loss, jax.lax.axis_size(sharding.AXIS)), aux["theta_y"]
 
-  # check_vma=False: the loss is replicated by construction (psum'd inside the core).
-  mapped = jax.shard_map(local, mesh=mesh, check_vma=False,
-                         in_specs=(P(sharding.AXIS), P(sharding.AXIS), P(sharding.AXIS), P(), P()),
-                         out_specs=(P(), P(sharding.AXIS)))
-
-  def sharded(embeddings, head, labels, key, strength):
-    loss, theta_y = mapped(embeddings, head["centres"], labels, key, strength)
+    # check_vma=False: the loss is replicated by construction (psum'd inside the core).
+    mapped = jax.shard_map(local, mesh=mesh, check_vma=False,
+                           in_specs=(P(sharding.AXIS), P(sharding.AXIS), P(sharding.AXIS), P()),
+                           out_specs=(P(), P(sharding.AXIS)))
+    loss, theta_y = mapped(embeddings, head["centres"], labels, key)
     return loss, {"theta_y": theta_y}
 
   return sharded

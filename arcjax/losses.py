@@ -8,6 +8,10 @@ exact to its paper's official code, with its state in and out explicitly:
 `subcenter_arcface_loss`, `curricularface_loss` (t), `magface_loss`,
 `adaface_loss` (the feature norms' mean and std), `elasticface_loss` (a key).
 Everything is computed in float32 whatever the input dtype. Angles are in radians.
+
+A loss may keep a running state between steps (`init_loss_state`; the
+TrainState holds it): the loss function takes it and returns the new one in
+aux['loss_state']. None of Table 2's losses keeps one.
 """
 
 import math
@@ -22,6 +26,11 @@ from arcjax import head as head_lib
 from arcjax import margins
 
 INTER_FORMS = ("angle", "cosine")
+TERMS = ("softmax", "intra", "inter", "triplet")
+# The config.loss fields a step may take as traced values (`make_loss_fn`'s hparams, the
+# margin warm-up's length): the runs of a pack may differ in them (`train.pack_key`).
+TRACED_FIELDS = ("s", "m1", "m2", "m3", *(f"{term}_weight" for term in TERMS),
+                 "margin_warmup_steps")
 l2_normalize = head_lib.l2_normalize
 
 
@@ -64,7 +73,7 @@ def margin_softmax_loss(
     embeddings: (B, d) features x, any float dtype.
     centres: (C, d) class centres W.
     labels: (B,) int in [0, C).
-    s, m1, m2, m3, gradient: see `margins.combined_margin`.
+    s, m1, m2, m3, gradient: see `margins.combined_margin` (s and the margins may be traced).
     normalize: False gives the plain softmax: logits x·Wᵀ + bias, no scale and
       no margin (then s must be 1 and the margins the identity).
     bias: (C,) or None, added to the logits of the plain softmax only.
@@ -85,7 +94,8 @@ def margin_softmax_loss(
     logits = s * margins.combined_margin(cos_theta, labels, m1, m2, m3,
                                          gradient=gradient)
   else:
-    if (s, m1, m2, m3) != (1.0, 1.0, 0.0, 0.0):
+    given = (s, m1, m2, m3)
+    if not any(isinstance(v, jax.core.Tracer) for v in given) and given != (1.0, 1.0, 0.0, 0.0):
       raise ValueError("the plain softmax (normalize=False) takes no scale or "
                        f"margin, got s={s}, m1={m1}, m2={m2}, m3={m3}")
     margins.check_labels(labels, centres.shape[0])
@@ -546,8 +556,22 @@ def loss_config(preset: str = "arcface", **overrides) -> ml_collections.ConfigDi
 
 
 def _weights(config: Any) -> dict[str, float]:
-  return {"softmax": config.softmax_weight, "intra": config.intra_weight,
-          "inter": config.inter_weight, "triplet": config.triplet_weight}
+  return {term: config[f"{term}_weight"] for term in TERMS}
+
+
+def active_terms(config: Any) -> tuple[str, ...]:
+  """The terms of `config.loss` with a non-zero weight, in the order of `TERMS`."""
+  return tuple(term for term, weight in _weights(config).items() if weight)
+
+
+def init_loss_state(config: Any) -> dict[str, jax.Array]:
+  """The running state of `config.loss` before the first step: {} (Table 2's losses keep none).
+
+  A loss with state (a running statistic) returns the new one in
+  aux['loss_state'] and `train.train_step` writes it back into the TrainState.
+  """
+  del config
+  return {}
 
 
 def describe(config: Any) -> dict[str, Any]:
@@ -588,27 +612,28 @@ def check_config(config: Any) -> None:
 
 class CompositeLoss(NamedTuple):
   """A weighted sum of loss terms: loss_fn(embeddings (B, d), head, labels (B,), key=None,
-  strength=1.0) -> (loss, aux).
+  strength=1.0, loss_state=None) -> (loss, aux).
 
-  terms(embeddings, head, labels, key, strength) -> ({name: unweighted value}, theta_y (B,));
-  weights: {name: weight} of the active terms.
+  terms(embeddings, head, labels, key, strength, loss_state) -> ({name: unweighted value},
+  aux) with aux['theta_y'] (B,) and, for a loss that keeps a state, aux['loss_state'];
+  weights: {name: weight} of the terms computed (floats, or traced scalars in a pack).
   """
-  terms: Callable[..., tuple[dict[str, jax.Array], jax.Array]]
-  weights: dict[str, float]
+  terms: Callable[..., tuple[dict[str, jax.Array], dict[str, Any]]]
+  weights: dict[str, float | jax.Array]
 
-  def __call__(self, embeddings, head, labels, key=None, strength=1.0):
-    terms, theta_y = self.terms(embeddings, head, labels, key, strength)
+  def __call__(self, embeddings, head, labels, key=None, strength=1.0, loss_state=None):
+    terms, aux = self.terms(embeddings, head, labels, key, strength, loss_state)
     total = sum(self.weights[name] * value for name, value in terms.items())
-    return total, {"theta_y": theta_y, **{f"loss/{name}": v for name, v in terms.items()}}
+    return total, {**aux, **{f"loss/{name}": v for name, v in terms.items()}}
 
-  def gradient_norms(self, embeddings, head, labels, key=None,
-                     strength=1.0) -> dict[str, jax.Array]:
+  def gradient_norms(self, embeddings, head, labels, key=None, strength=1.0,
+                     loss_state=None) -> dict[str, jax.Array]:
     """How hard each weighted term pulls: {'grad_norm/<term>': ‖∂(w·term)/∂x‖ over the batch's
     embeddings, 'grad_norm/<term>_centres': the same over the centres}."""
     norms = {}
     for name, weight in self.weights.items():
       term = lambda x, h, name=name, weight=weight: weight * self.terms(
-          x, h, labels, key, strength)[0][name]
+          x, h, labels, key, strength, loss_state)[0][name]
       on_x, on_head = jax.grad(term, argnums=(0, 1))(embeddings, head)
       norms[f"grad_norm/{name}"] = jnp.linalg.norm(on_x)
       norms[f"grad_norm/{name}_centres"] = jnp.linalg.norm(on_head["centres"])
@@ -616,7 +641,8 @@ class CompositeLoss(NamedTuple):
 
 
 def make_loss_fn(config: ml_collections.ConfigDict | Any, margin_term: head_lib.MarginTerm,
-                 num_classes: int | None = None) -> CompositeLoss:
+                 num_classes: int | None = None, hparams: dict[str, Any] | None = None, *,
+                 terms: tuple[str, ...] | None = None) -> CompositeLoss:
   """The composite loss of a `config.loss`: any row of the paper's Table 2.
 
       softmax_weight · margin softmax + intra_weight · Intra
@@ -626,30 +652,51 @@ def make_loss_fn(config: ml_collections.ConfigDict | Any, margin_term: head_lib.
     config: `config.loss` (checked here, before anything is compiled).
     margin_term: the head's margin softmax term (`head.margin_term`).
     num_classes: C; centre rows past it are padding (a sharded head's).
+    hparams: the values of s, m1, m2, m3 and the weights (the `TRACED_FIELDS` of that
+      name; other keys are ignored): Python numbers, or traced scalars in a pack
+      (`train.make_pack_step`). None: the config's.
+    terms: the terms computed (a pack's: those active in any of its runs), each times
+      its weight; None: the config's active terms. A term of weight 0 adds exactly 0
+      (its value is finite), and θ_y is then the one the run computes alone.
 
   Returns:
     loss_fn(embeddings (B, d), head {'centres': (K, d)[, 'bias': (C,)]},
-    labels (B,), key=None, strength=1.0) -> (loss, aux) with aux['theta_y']
-    (B,) radians and aux['loss/<term>'] (unweighted) for each active term.
+    labels (B,), key=None, strength=1.0, loss_state=None) -> (loss, aux) with
+    aux['theta_y'] (B,) radians and aux['loss/<term>'] (unweighted) for each
+    computed term. Table 2's losses keep no state: no aux['loss_state'].
   """
   check_config(config)
-  weights = _weights(config)
+  hparams = {name: config[name] for name in TRACED_FIELDS} if hparams is None else hparams
+  terms = active_terms(config) if terms is None else tuple(terms)
+  unknown = set(terms) - set(TERMS)
+  if unknown:
+    raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {TERMS}")
+  weights = {name: hparams[f"{name}_weight"] for name in TERMS if name in terms}
 
-  def terms_of(embeddings, head, labels, key=None, strength=1.0):
-    centres, terms = head["centres"], {}
-    if weights["softmax"]:
-      terms["softmax"], aux = margin_term(embeddings, head, labels, key, strength)
+  def own_theta_y(embeddings, centres, labels):
+    x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
+    return jax.lax.stop_gradient(margins.angle(jnp.sum(x * w, axis=1)))
+
+  def terms_of(embeddings, head, labels, key=None, strength=1.0, loss_state=None):
+    del loss_state  # none of these terms keeps a state
+    centres, values = head["centres"], {}
+    if "softmax" in weights:
+      margin = margins.make_margin(hparams["m1"], hparams["m2"], hparams["m3"],
+                                   gradient=config.gradient, strength=strength)
+      values["softmax"], aux = margin_term(embeddings, head, labels, key, margin, hparams["s"])
       theta_y = aux["theta_y"]
+      if isinstance(weights["softmax"], jax.core.Tracer):  # a pack: a run without it has its own
+        theta_y = jnp.where(weights["softmax"] != 0, theta_y,
+                            own_theta_y(embeddings, centres, labels))
     else:
+      theta_y = own_theta_y(embeddings, centres, labels)
+    if "intra" in weights:
       x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
-      theta_y = jax.lax.stop_gradient(margins.angle(jnp.sum(x * w, axis=1)))
-    if weights["intra"]:
-      x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
-      terms["intra"] = intra_loss(margins.angle(jnp.sum(x * w, axis=1)))
-    if weights["inter"]:
-      terms["inter"] = inter_loss(centres, labels, config.inter_form, num_classes)
-    if weights["triplet"]:
-      terms["triplet"] = triplet_loss(embeddings, labels, config.triplet_margin)
-    return terms, theta_y
+      values["intra"] = intra_loss(margins.angle(jnp.sum(x * w, axis=1)))
+    if "inter" in weights:
+      values["inter"] = inter_loss(centres, labels, config.inter_form, num_classes)
+    if "triplet" in weights:
+      values["triplet"] = triplet_loss(embeddings, labels, config.triplet_margin)
+    return values, {"theta_y": theta_y}
 
-  return CompositeLoss(terms_of, {name: w for name, w in weights.items() if w})
+  return CompositeLoss(terms_of, weights)

@@ -180,8 +180,8 @@ def test_a_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, damage):
 def _nan_from_step(step: int):
   """A learning rate that is NaN from update `step` (from 1) on: that update's state is NaN."""
   real = optim.make_schedule
-  return lambda train_config: (
-      lambda t: jax.numpy.where(t >= step - 1, jax.numpy.nan, real(train_config)(t)))
+  return lambda train_config, hparams=None: (
+      lambda t: jax.numpy.where(t >= step - 1, jax.numpy.nan, real(train_config, hparams)(t)))
 
 
 def _in_process_config(steps: int, **train_changes):
