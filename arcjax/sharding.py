@@ -138,15 +138,33 @@ def partition_specs(tree: Any, rules: Rules) -> Any:
 
 
 class Collectives(NamedTuple):
-  """What a step needs of its devices: identity under jit, `pmean` / axis index under pmap."""
+  """What a step needs of its devices: identity under jit (where every array is global),
+  `pmean`, `all_gather` and the axis index under pmap (where each device holds its rows).
+
+  mean: a tree's mean over the devices (of per-device means: the global batch's mean).
+  fold_device: a key made different on each device.
+  gather_rows: (b, ...) this device's rows -> (B, ...) the global batch's, in device order.
+  own_rows: (B, ...) the global batch's rows -> (b, ...) this device's.
+  """
   mean: Callable[[Any], Any]
   fold_device: Callable[[jax.Array], jax.Array]
+  gather_rows: Callable[[jax.Array], jax.Array]
+  own_rows: Callable[[jax.Array], jax.Array]
 
 
-_NO_COLLECTIVES = Collectives(mean=lambda tree: tree, fold_device=lambda key: key)
+def _own_rows(x: jax.Array) -> jax.Array:
+  count = x.shape[0] // jax.lax.axis_size(AXIS)
+  return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(AXIS) * count, count)
+
+
+# One device, or global arrays under jit: every collective is the identity.
+NO_COLLECTIVES = Collectives(mean=lambda tree: tree, fold_device=lambda key: key,
+                             gather_rows=lambda x: x, own_rows=lambda x: x)
 _PMAP_COLLECTIVES = Collectives(
     mean=functools.partial(jax.lax.pmean, axis_name=AXIS),
-    fold_device=lambda key: jax.random.fold_in(key, jax.lax.axis_index(AXIS)))
+    fold_device=lambda key: jax.random.fold_in(key, jax.lax.axis_index(AXIS)),
+    gather_rows=functools.partial(jax.lax.all_gather, axis_name=AXIS, tiled=True),
+    own_rows=_own_rows)
 
 
 def check_config(train_config: Any, head_config: Any) -> None:
@@ -173,7 +191,7 @@ class Parallelism:
 
   @property
   def collectives(self) -> Collectives:
-    return _PMAP_COLLECTIVES if self.mode == "pmap" else _NO_COLLECTIVES
+    return _PMAP_COLLECTIVES if self.mode == "pmap" else NO_COLLECTIVES
 
   @property
   def bn_axis_name(self) -> str | None:

@@ -78,7 +78,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not (isinstance(train[name], int) and train[name] > 0):
       raise errors.ConfigError(f"config.train.{name} must be an int > 0, got {train[name]!r}")
   models.check_config(config.model)
-  losses.check_config(config.loss)
+  losses.check_config(config.loss, batch_size=train.batch_size)
   head_lib.check_config(config.head, config.loss)
   data.check_config(config.data, batch_size=train.batch_size)
   optim.check_config(config.train)
@@ -99,7 +99,8 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array, *, num
   model_key, head_key, dropout_key = jax.random.split(key, 3)
   variables = model.init(model_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   head = head_lib.init_head(head_key, num_classes, config.model.embedding_dim,
-                            bias=config.loss.bias, num_shards=num_shards)
+                            bias=config.loss.get("bias", False), num_shards=num_shards,
+                            subcenters=losses.num_subcenters(config.loss))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     head=head, opt_state=tx.init({"backbone": params, "head": head}),
@@ -117,11 +118,11 @@ def step_hparams(config: ml_collections.ConfigDict) -> dict[str, float | int]:
 
   {'lr', 'weight_decay'} (`optim.TRACED_FIELDS`) and {'s', 'm1', 'm2', 'm3',
   'softmax_weight', 'intra_weight', 'inter_weight', 'triplet_weight',
-  'margin_warmup_steps'} (`losses.TRACED_FIELDS`): the runs of a pack may differ
-  in them.
+  'margin_warmup_steps'} (`losses.TRACED_FIELDS`, those the loss's kind holds): the runs
+  of a pack may differ in them.
   """
   return {**{name: config.train[name] for name in optim.TRACED_FIELDS},
-          **{name: config.loss[name] for name in losses.TRACED_FIELDS}}
+          **{name: config.loss[name] for name in losses.TRACED_FIELDS if name in config.loss}}
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], hparams: dict[str, Any], *,
@@ -138,19 +139,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], hparams: dict[str
       schedule (`optim.make_optimizer`, `optim.make_schedule` of config.train).
     make_loss_fn: hparams -> `losses.CompositeLoss`.
     collectives: averages gradients and metrics over pmap's devices (identity
-      under jit, where every mean is already over the global batch).
+      under jit, where every mean is already over the global batch); the loss takes
+      them too, for its statistics of the global batch.
 
   Returns:
     (new state, metrics): 'loss', 'loss/<term>', 'grad_norm/<term>' and
     'grad_norm/<term>_centres' (‖∂(w·term)/∂x‖ over the batch's embeddings and over the
     centres, with several terms), 'grad_norm', 'lr',
-    'margin_strength', 'theta_y_deg' (mean target angle), 'param_norm' and
+    'margin_strength', 'theta_y_deg' (mean target angle), 'param_norm',
+    'loss_state/<name>' (a loss's running state, after this step's update) and
     'state_finite' (1 when every leaf of the new state is finite).
   """
   tx, schedule, loss_fn = make_optimizer(hparams), make_schedule(hparams), make_loss_fn(hparams)
-  key = collectives.fold_device(jax.random.fold_in(jax.random.wrap_key_data(state.rng),
-                                                   state.step))
-  strength = margins.warmup_strength(state.step + 1, hparams["margin_warmup_steps"])
+  # The loss's key is the same on every device (Partial FC's sample, ElasticFace's margins
+  # of the global batch); dropout's differs per device.
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  key = collectives.fold_device(step_key)
+  # A loss kind without a warm-up (CurricularFace) holds no margin_warmup_steps: α = 1.
+  strength = margins.warmup_strength(state.step + 1, hparams.get("margin_warmup_steps", 0))
   labels = batch["label"]
 
   def compute_loss(trainable):
@@ -159,7 +165,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], hparams: dict[str
         models.normalize_images(batch["image"]), train=True, rngs={"dropout": key},
         mutable=["batch_stats"])
     embeddings = embeddings.astype(jnp.float32)
-    loss, aux = loss_fn(embeddings, trainable["head"], labels, key, strength, state.loss_state)
+    loss, aux = loss_fn(embeddings, trainable["head"], labels, step_key, strength,
+                        state.loss_state)
     return loss, (aux, updates.get("batch_stats", {}), embeddings)
 
   (loss, (aux, batch_stats, embeddings)), grads = jax.value_and_grad(
@@ -169,11 +176,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], hparams: dict[str
              **{name: value for name, value in aux.items() if name.startswith("loss/")}}
   if len(loss_fn.weights) > 1:  # how hard each term pulls the embeddings and the centres
     metrics.update(loss_fn.gradient_norms(jax.lax.stop_gradient(embeddings), state.head, labels,
-                                          key, strength, state.loss_state))
-  # A loss's running state is averaged over pmap's devices as the gradients are, so that
-  # every device keeps the same.
+                                          step_key, strength, state.loss_state))
+  # A loss's running state is a statistic of the global batch, computed inside the loss with
+  # the step's collectives: the same on every device already (a mean over the devices would
+  # be wrong for a std). It is logged as 'loss_state/<name>'.
   loss_state = aux.get("loss_state", state.loss_state)
-  grads, metrics, loss_state = collectives.mean((grads, metrics, loss_state))
+  metrics.update({f"loss_state/{name}": value for name, value in loss_state.items()})
+  grads, metrics = collectives.mean((grads, metrics))
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   new_state = state.replace(step=state.step + 1, params=trainable["backbone"],
@@ -196,7 +205,7 @@ def _step_fn(config: ml_collections.ConfigDict, par: sharding.Parallelism, num_c
       make_optimizer=functools.partial(optim.make_optimizer, config.train),
       make_schedule=functools.partial(optim.make_schedule, config.train),
       make_loss_fn=functools.partial(losses.make_loss_fn, config.loss, margin_term, num_classes,
-                                     terms=terms),
+                                     terms=terms, collectives=par.collectives),
       collectives=par.collectives)
 
 
