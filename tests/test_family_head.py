@@ -327,3 +327,71 @@ def test_configs_hold_the_papers_defaults_and_only_their_fields():
   assert losses.active_terms(losses.loss_config("magface", lambda_g=0.0)) == ("softmax",)
   assert losses.num_subcenters(losses.loss_config("subcenter_arcface", subcenters=5)) == 5
   assert losses.num_subcenters(losses.loss_config("arcface")) == 0
+
+
+# --- The trainer: 8 devices give the one-device parameters and state --------------------
+
+NUM_CLASSES, IMAGE_SHAPE = 10, (16, 16, 1)
+
+
+def _train_config(kind, parallel, **head_changes):
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.model.embedding_dim = 32
+  config.train.update(batch_size=32, warmup_steps=0, schedule="piecewise", lr=0.1,
+                      parallel=parallel)
+  # s = 16: a smoother loss on random labels, so that rounding that differs with the
+  # summation order is not amplified past the tolerance in 3 steps (as tests/test_train.py).
+  config.loss = losses.loss_config(kind, s=16.0)
+  config.head.update(head_changes)
+  return config
+
+
+@functools.cache
+def _trained(kind, parallel, head_items=()):
+  """(host state, metrics) after 3 steps of the compiled train step; a sharded head's rows
+  without padding."""
+  from arcjax import train  # pylint: disable=import-outside-toplevel
+  config = _train_config(kind, parallel, **dict(head_items))
+  par = sharding.parallelism_for(config.train, config.head)
+  init = functools.partial(train.create_train_state, config, num_classes=NUM_CLASSES,
+                           image_shape=IMAGE_SHAPE,
+                           num_shards=par.num_devices if config.head.sharded else 1)
+  state = par.init(init, jax.random.key(0))
+  step = train.make_train_step(config, par, NUM_CLASSES, state)
+  state, history = par.to_step(state), []
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    batch = {"image": rng.integers(0, 256, (32, *IMAGE_SHAPE), dtype=np.uint8),
+             "label": rng.integers(0, NUM_CLASSES, 32).astype(np.int32)}
+    state, metrics = step(state, par.put_batch(batch))
+    history.append(par.scalars(metrics))
+  host = par.host(par.to_global(state))
+  rows = sharding.match_tree(host, sharding.CLASS_ROWS)
+  return jax.tree.map(lambda v, is_rows: v[:NUM_CLASSES] if is_rows else v, host, rows), history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, parallel, head_changes", [
+    ("curricularface", "pmap", {}), ("adaface", "pmap", {}), ("elasticface_arc", "pmap", {}),
+    ("magface", "pmap", {}),
+    ("subcenter_arcface", "mesh", dict(sharded=True, chunk_size=1)),
+    ("curricularface", "mesh", dict(sharded=True, chunk_size=1)),
+    ("adaface", "mesh", dict(sharded=True)),
+    ("magface", "mesh", dict(sharded=True, chunk_size=3)),
+])
+def test_the_trainer_on_8_devices_gives_the_one_device_parameters_and_state(
+    mesh, kind, parallel, head_changes):
+  del mesh
+  one, one_metrics = _trained(kind, "none")
+  many, many_metrics = _trained(kind, parallel, tuple(sorted(head_changes.items())))
+  assert set(one.loss_state) == set(STATE.get(kind, {}))
+  initial = losses.init_loss_state(losses.loss_config(kind))
+  for name in one.loss_state:  # the state moved, and identically
+    assert float(one.loss_state[name]) != float(initial[name])
+  for name in ("params", "batch_stats", "head", "opt_state", "loss_state"):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=5e-5),
+                 getattr(many, name), getattr(one, name))
+  for key in ("loss", "grad_norm", "theta_y_deg", *(f"loss_state/{n}" for n in one.loss_state)):
+    np.testing.assert_allclose([m[key] for m in many_metrics], [m[key] for m in one_metrics],
+                               rtol=1e-5, err_msg=key)
