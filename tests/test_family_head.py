@@ -395,3 +395,32 @@ def test_the_trainer_on_8_devices_gives_the_one_device_parameters_and_state(
   for key in ("loss", "grad_norm", "theta_y_deg", *(f"loss_state/{n}" for n in one.loss_state)):
     np.testing.assert_allclose([m[key] for m in many_metrics], [m[key] for m in one_metrics],
                                rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["adaface", "elasticface_arc"])
+def test_a_pack_of_seeds_gives_each_run_its_solo_state(kind):
+  """Runs of a family kind that differ in their seed train vmapped as one pack
+  (`train.make_pack_step`), each run's state as its solo step's."""
+  from arcjax import train  # pylint: disable=import-outside-toplevel
+  configs = [_train_config(kind, "none") for _ in range(2)]
+  configs[1].seed = 1
+  par = sharding.parallelism_for(configs[0].train, configs[0].head)
+  states = [train.create_train_state(config, jax.random.key(config.seed),
+                                     num_classes=NUM_CLASSES, image_shape=IMAGE_SHAPE)
+            for config in configs]
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.integers(0, 256, (32, *IMAGE_SHAPE), dtype=np.uint8),
+              "label": rng.integers(0, NUM_CLASSES, 32).astype(np.int32)} for _ in range(2)]
+  stacked = train.stack_runs(states)  # before the solo steps donate the states
+  pack = train.make_pack_step(configs, par, NUM_CLASSES, stacked)
+  solo = [train.make_train_step(config, par, NUM_CLASSES, state)(state, par.put_batch(batch))[0]
+          for config, state, batch in zip(configs, states, batches)]
+  packed, _ = pack(stacked, par.put_batch(
+      {name: np.stack([b[name] for b in batches]) for name in batches[0]}, runs=True),
+      [True, True])
+  for want, got in zip(solo, train.unstack_runs(packed)):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+                 got.loss_state, want.loss_state)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=5e-5),
+                 got.head, want.head)
