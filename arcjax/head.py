@@ -17,6 +17,22 @@ chunked and sharded ones through one custom-VJP core, `_softmax_ce`):
 The margin comes in as a function (`margins.MarginFn`): cos θ_y ↦ (target logit,
 its slope), evaluated on the R target cosines only, never on the (R, C) matrix.
 The margin and the scale s may be traced (a pack's runs differ in them).
+
+The family after ArcFace (`losses.FAMILY`) runs on every one of these layouts,
+each member changing only what the core changes per chunk or per row:
+  - sub-centres: W stored (C, K, d), split over the devices by class (a class's K
+    sub-centres on one shard, Partial FC sampling whole classes); every chunk takes
+    (R, width·K) cosines and keeps each class's largest, the backward sending each
+    class's gradient to that arg-max sub-centre (sub-center ArcFace);
+  - per-row margin values (`rows`: MagFace's m(‖x‖), AdaFace's scaler, ElasticFace's
+    drawn margins), gathered with the rows; the target logit may keep a gradient
+    w.r.t. them (MagFace's live norm), which the core returns for the target;
+  - `Negatives`: an elementwise change of the non-target cosines inside every chunk,
+    forward and backward (AdaFace's clamp, CurricularFace's hard negatives).
+What a member needs of the whole batch (CurricularFace's mean target cosine,
+AdaFace's norm statistics) is computed by the loss outside the core, over the
+global batch (`losses.make_loss_fn`). No member needs the (R, C) matrix at once,
+so none is restricted to a layout.
 `margin_term` builds, from `config.head` and `config.loss`, the term that
 `losses.make_loss_fn` composes with the angular terms.
 

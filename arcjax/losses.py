@@ -9,9 +9,14 @@ exact to its paper's official code, with its state in and out explicitly:
 `adaface_loss` (the feature norms' mean and std), `elasticface_loss` (a key).
 Everything is computed in float32 whatever the input dtype. Angles are in radians.
 
+`config.loss.kind` picks what a run trains (`loss_config(name)`): 'margin', any
+row of Table 2, or a member of the family (`FAMILY`), which `make_loss_fn` runs
+over the head's core on every layout, equal to its reference here.
+
 A loss may keep a running state between steps (`init_loss_state`; the
 TrainState holds it): the loss function takes it and returns the new one in
-aux['loss_state']. None of Table 2's losses keeps one.
+aux['loss_state'], a statistic of the global batch. None of Table 2's losses
+keeps one; CurricularFace keeps t, AdaFace its norms' running mean and std.
 """
 
 import math
