@@ -368,7 +368,8 @@ def margin_softmax(
       cosines of the global batch (R rows when sharded), never on the (R, C) matrix.
     s: the scale, a float or a traced scalar.
     num_classes: C, the real classes; rows ≥ C are padding. None: every row is real.
-    chunk_size: > 0 streams over chunks of that many centres; 0, all at once.
+    chunk_size: > 0 streams over chunks of that many centres (classes: a class's
+      sub-centres stay together); 0, all at once.
     axis_name: the mesh axis the centres and the batch are split over (call
       inside `jax.shard_map` or `jax.pmap`; the gradient is that of the whole
       loss when each device's copy of it gets cotangent 1, as when
