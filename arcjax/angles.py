@@ -7,6 +7,14 @@ and integer labels. Angles are radians in and out, except in names ending in
 The "embedding centre" of a class is the normalised mean of its normalised
 embeddings: the mean direction of the class, which unnormalised features
 (plain softmax) cannot pull toward their longest members.
+
+Sub-center ArcFace keeps K sub-centres per class, W (C, K, d). The angle of an
+embedding to a class is then the smallest to any of its sub-centres (the loss's
+own: the cosine to a class is the max over its K), which `target_angles` and
+`nearest_nontarget_angles` compute from (C, K, d) centres. "The" class centre, the
+W_j of W-EC and W-Inter, is the class's dominant sub-centre
+(`dominant_subcentres`): the one closest to the most of its embeddings, as the
+paper's second stage (insightface's drop.py) picks it.
 """
 
 import numpy as np
@@ -70,51 +78,99 @@ def _class_centres(x_unit: np.ndarray,
   return classes, sums / norms, inverse
 
 
-def _nearest_other_cos(a: np.ndarray, b: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-  """(N,) max over k ≠ exclude[i] of a[i]·b[k], for unit rows a (N, d), b (M, d), M ≥ 2."""
+def _nearest_other_cos(a: np.ndarray, b: np.ndarray, exclude: np.ndarray,
+                       per_class: int = 1) -> np.ndarray:
+  """(N,) max over classes k ≠ exclude[i] of a[i]·b[k], for unit rows a (N, d) and b
+  (M·per_class, d) holding `per_class` rows a class, class-major (M ≥ 2): a class's cosine is
+  the max over its rows."""
   rows = max(1, _CHUNK_ELEMENTS // b.shape[0])
   out = np.empty(a.shape[0])
   for start in range(0, a.shape[0], rows):
-    cos = a[start:start + rows] @ b.T
+    cos = (a[start:start + rows] @ b.T).reshape(-1, b.shape[0] // per_class, per_class).max(2)
     cos[np.arange(cos.shape[0]), exclude[start:start + rows]] = -np.inf
     out[start:start + rows] = cos.max(axis=1)
   return out
 
 
-def target_angles(embeddings: np.ndarray, centres: np.ndarray,
-                  labels: np.ndarray) -> np.ndarray:
-  """θ_y: the angle between each embedding and its class's centre W_y.
+def _unit_centres(centres: np.ndarray) -> tuple[np.ndarray, int]:
+  """(C·K, d) unit rows of centres (C, d) (K = 1) or sub-centres (C, K, d), and K."""
+  centres = np.asarray(centres)
+  per_class = centres.shape[1] if centres.ndim == 3 else 1
+  flat = centres.reshape(-1, centres.shape[-1]) if centres.ndim == 3 else centres
+  return unit_rows(flat, "centres"), per_class
+
+
+def dominant_subcentres(embeddings: np.ndarray, labels: np.ndarray,
+                        subcentres: np.ndarray) -> np.ndarray:
+  """(C, d) each class's dominant sub-centre: the one closest to the most of its embeddings.
+
+  Sub-center ArcFace's "class centre" (Deng et al. 2020; insightface's
+  subcenter_arcface/drop.py counts, over the training set, which sub-centre each
+  image of a class is closest to). Ties go to the lower index; a class without
+  embeddings here keeps its longest sub-centre (the one its gradient lengthened
+  most: a centre's normalised-softmax gradient is orthogonal to it).
 
   Args:
-    embeddings: (N, d); centres: (C, d); labels: (N,) int in [0, C).
+    embeddings: (N, d); labels: (N,) int in [0, C); subcentres: (C, K, d).
+
+  Returns:
+    (C, d) float64, the chosen sub-centres as given (not normalised).
+  """
+  subcentres = np.asarray(subcentres, np.float64)
+  if subcentres.ndim != 3:
+    raise ValueError(f"subcentres must be (C, K, d), got shape {subcentres.shape}")
+  num_classes, k, dim = subcentres.shape
+  x = unit_rows(embeddings, "embeddings")
+  _same_dim(x, subcentres[0])
+  labels = _labels_for(labels, x.shape[0], "labels", num_classes)
+  w = unit_rows(subcentres.reshape(-1, dim), "subcentres").reshape(num_classes, k, dim)
+  closest = np.argmax(np.einsum("nd,nkd->nk", x, w[labels]), axis=1)
+  counts = np.zeros((num_classes, k), np.int64)
+  np.add.at(counts, (labels, closest), 1)
+  longest = np.argmax(np.linalg.norm(subcentres, axis=2), axis=1)
+  chosen = np.where(counts.sum(axis=1) > 0, np.argmax(counts, axis=1), longest)
+  return subcentres[np.arange(num_classes), chosen]
+
+
+def target_angles(embeddings: np.ndarray, centres: np.ndarray,
+                  labels: np.ndarray) -> np.ndarray:
+  """θ_y: the angle between each embedding and its class's centre W_y (with sub-centres, the
+  closest of its class's).
+
+  Args:
+    embeddings: (N, d); centres: (C, d) or sub-centres (C, K, d); labels: (N,) int in [0, C).
 
   Returns:
     (N,) float64 radians in [0, π].
   """
   x = unit_rows(embeddings, "embeddings")
-  w = unit_rows(centres, "centres")
+  w, per_class = _unit_centres(centres)
   _same_dim(x, w)
-  labels = _labels_for(labels, x.shape[0], "labels", w.shape[0])
-  return _angle(np.sum(x * w[labels], axis=1))
+  labels = _labels_for(labels, x.shape[0], "labels", w.shape[0] // per_class)
+  w = w.reshape(-1, per_class, w.shape[1])
+  return _angle(np.einsum("nd,nkd->nk", x, w[labels]).max(axis=1))
 
 
 def nearest_nontarget_angles(embeddings: np.ndarray, centres: np.ndarray,
                              labels: np.ndarray) -> np.ndarray:
-  """min over j ≠ y of the angle between each embedding and centre W_j.
+  """min over j ≠ y of the angle between each embedding and centre W_j (with sub-centres, the
+  closest sub-centre of any other class).
 
   Args:
-    embeddings: (N, d); centres: (C, d) with C ≥ 2; labels: (N,) int in [0, C).
+    embeddings: (N, d); centres: (C, d) or sub-centres (C, K, d), C ≥ 2; labels: (N,) int
+      in [0, C).
 
   Returns:
     (N,) float64 radians in [0, π].
   """
   x = unit_rows(embeddings, "embeddings")
-  w = unit_rows(centres, "centres")
+  w, per_class = _unit_centres(centres)
   _same_dim(x, w)
-  if w.shape[0] < 2:
-    raise ValueError(f"a non-target centre needs at least 2 centres, got {w.shape[0]}")
-  labels = _labels_for(labels, x.shape[0], "labels", w.shape[0])
-  return _angle(_nearest_other_cos(x, w, labels))
+  num_classes = w.shape[0] // per_class
+  if num_classes < 2:
+    raise ValueError(f"a non-target centre needs at least 2 centres, got {num_classes}")
+  labels = _labels_for(labels, x.shape[0], "labels", num_classes)
+  return _angle(_nearest_other_cos(x, w, labels, per_class))
 
 
 def w_ec(embeddings: np.ndarray, labels: np.ndarray, centres: np.ndarray) -> float:
@@ -232,7 +288,9 @@ def angle_statistics(train_emb: np.ndarray, train_labels: np.ndarray,
   Args:
     train_emb: (N, d) embeddings of training images; train_labels: (N,) int
       in [0, C), at least 2 classes.
-    centres: (C, d) the classifier's centres W.
+    centres: (C, d) the classifier's centres W; or sub-centres (C, K, d), each class
+      then represented by its dominant sub-centre among `train_emb`
+      (`dominant_subcentres`).
     eval_emb, eval_labels: (M, d) and (M,) an evaluation set (any identity
       values, at least 2); both or neither.
 
@@ -247,6 +305,8 @@ def angle_statistics(train_emb: np.ndarray, train_labels: np.ndarray,
     raise ValueError("W-EC and W-Inter need trained class centres and there are none (a model "
                      "imported without centres): embedding_statistics gives Intra and Inter")
   has_eval = eval_emb is not None
+  if np.ndim(centres) == 3:
+    centres = dominant_subcentres(train_emb, train_labels, centres)
   return {
       "w_ec_deg": float(np.degrees(w_ec(train_emb, train_labels, centres))),
       "w_inter_deg": float(np.degrees(w_inter(centres))),

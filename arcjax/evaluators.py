@@ -2,9 +2,10 @@
 
   - `Verification`: insightface's verification protocol on every evaluation set
     (held-out identities, .bin files), every `eval.every` steps and at the end;
-  - `Angles`: θ_y and the nearest non-target angle of a fixed probe set of
-    training images at the start, middle and end (and every `angles.every`
-    steps), as arrays and histograms; the paper's angle statistics at the end;
+  - `Angles`: θ_y, the nearest non-target angle and the feature norm ‖x‖ of a
+    fixed probe set of training images at the start, middle and end (and every
+    `angles.every` steps), as arrays and histograms; the paper's angle statistics
+    at the end;
   - `pixel_baseline`: what raw pixels score on the same pairs (once).
 
 An evaluator is called with a `ModelView`: the model as host arrays at a step.
@@ -24,7 +25,8 @@ from arcjax.data import pipeline
 
 
 class ModelView(NamedTuple):
-  """The model at `step`, on this host: backbone `variables` and the (C, d) `centres`."""
+  """The model at `step`, on this host: backbone `variables` and the (C, d) `centres` (a
+  sub-center head's (C, K, d))."""
   step: int
   variables: dict[str, Any]
   centres: np.ndarray
@@ -103,11 +105,15 @@ class Verification:
 class Angles:
   """θ records of a fixed probe set of training images, and the paper's angle statistics.
 
-  At steps 0, steps/2 and steps (and every `angles.every`): θ_y and the nearest
-  non-target angle of each probe image (radians) to angles/theta_step<N>.npz and
-  as histograms. At the end, also W-EC, W-Inter, Intra1, Inter1 (probe set)
-  and Intra2, Inter2 (identities never trained on), in degrees; W-EC and
-  W-Inter are None for a loss that never trains the centres (Triplet alone).
+  At steps 0, steps/2 and steps (and every `angles.every`): θ_y, the nearest
+  non-target angle (radians) and the feature norm ‖x‖ (the backbone's output
+  before normalisation: what MagFace and AdaFace read) of each probe image to
+  angles/theta_step<N>.npz ('theta_target', 'theta_nearest', 'feature_norm',
+  'labels'), and as histograms. At the end, also W-EC, W-Inter, Intra1, Inter1
+  (probe set) and Intra2, Inter2 (identities never trained on), in degrees; W-EC
+  and W-Inter are None for a loss that never trains the centres (Triplet alone).
+  With sub-centres the angle to a class is the smallest to its sub-centres, and
+  its centre in W-EC and W-Inter the dominant one (`angles.dominant_subcentres`).
   """
 
   def __init__(self, config: Any, train_source, unseen, writer, directory, *, primary: bool):
@@ -132,19 +138,26 @@ class Angles:
                                      batch_size=self._batch, flip=False)
 
   def __call__(self, view: ModelView, final: bool = False) -> dict[str, float | None]:
-    embeddings = self._embeddings(view, self._images)
+    features = verification.model_outputs(lambda x: self._embed(view.variables, x),
+                                          self._images, batch_size=self._batch)
+    feature_norm = np.linalg.norm(np.asarray(features, np.float64), axis=1)
+    embeddings = verification.unit_rows(features, "embeddings")
     theta_target = angles.target_angles(embeddings, view.centres, self._labels)
     theta_nearest = angles.nearest_nontarget_angles(embeddings, view.centres, self._labels)
     if self._primary:
       path = self._directory / workdir.ANGLES / f"theta_step{view.step:08d}.npz"
       path.parent.mkdir(parents=True, exist_ok=True)
       with path.open("wb") as f:
-        np.savez(f, theta_target=theta_target, theta_nearest=theta_nearest, labels=self._labels)
+        np.savez(f, theta_target=theta_target, theta_nearest=theta_nearest,
+                 feature_norm=feature_norm, labels=self._labels)
     edges = np.linspace(0.0, 180.0, 91)
     self._writer.write_histogram(view.step, "angles/theta_target_deg",
                                  np.degrees(theta_target), bins=edges)
     self._writer.write_histogram(view.step, "angles/theta_nearest_deg",
                                  np.degrees(theta_nearest), bins=edges)
+    # Norms have no natural range (MagFace's 10-110, a plain softmax's anything): 50 bins
+    # over this record's own; the arrays above keep every value.
+    self._writer.write_histogram(view.step, "angles/feature_norm", feature_norm, bins=50)
     if not final:
       return {}
     unseen = ()

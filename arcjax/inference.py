@@ -3,7 +3,7 @@
     run = inference.load_run("runs/default")          # the latest checkpoint
     run.embed(["a.png", "b.png"])                      # (2, d) float32 unit rows
     run.embed(images_uint8_nhwc)                       # or encoded bytes, or a mix
-    run.centres                                        # (C, d) float32; (0, d) if imported
+    run.centres                                        # (C, d) float32; sub-center: (C, K, d); (0, d) imported
 
 Images go through the run's own preprocessing: decoded, resized to the
 config's `data.image_size` (PIL bilinear, as in training), given the channel
@@ -107,6 +107,11 @@ def preprocess(images: Images, image_shape: tuple[int, int, int]) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Run:
   """A trained run: `config`, `step`, `centres` (C, d) float32, `variables` of the backbone.
+
+  A sub-center ArcFace run's `centres` are its (C, K, d) sub-centres as trained: which
+  one is "the" class centre depends on data (the dominant one, closest to the most of
+  the class's images: `angles.dominant_subcentres(run.embed(images), labels,
+  run.centres)`), and the loss's own angle to a class is the smallest to its K.
 
   `image_shape`: (H, W, C) the model was trained on; `embed_fn`: `embedder(config.model)`;
   `imported_from`: the ONNX file of a workdir made by `arcjax.from_onnx` (else None);

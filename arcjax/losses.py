@@ -8,6 +8,15 @@ exact to its paper's official code, with its state in and out explicitly:
 `subcenter_arcface_loss`, `curricularface_loss` (t), `magface_loss`,
 `adaface_loss` (the feature norms' mean and std), `elasticface_loss` (a key).
 Everything is computed in float32 whatever the input dtype. Angles are in radians.
+
+`config.loss.kind` picks what a run trains (`loss_config(name)`): 'margin', any
+row of Table 2, or a member of the family (`FAMILY`), which `make_loss_fn` runs
+over the head's core on every layout, equal to its reference here.
+
+A loss may keep a running state between steps (`init_loss_state`; the
+TrainState holds it): the loss function takes it and returns the new one in
+aux['loss_state'], a statistic of the global batch. None of Table 2's losses
+keeps one; CurricularFace keeps t, AdaFace its norms' running mean and std.
 """
 
 import math
@@ -20,8 +29,14 @@ import ml_collections
 from arcjax import errors
 from arcjax import head as head_lib
 from arcjax import margins
+from arcjax import sharding
 
 INTER_FORMS = ("angle", "cosine")
+TERMS = ("softmax", "intra", "inter", "triplet")
+# The config.loss fields a step may take as traced values (`make_loss_fn`'s hparams, the
+# margin warm-up's length): the runs of a pack may differ in them (`train.pack_key`).
+TRACED_FIELDS = ("s", "m1", "m2", "m3", *(f"{term}_weight" for term in TERMS),
+                 "margin_warmup_steps")
 l2_normalize = head_lib.l2_normalize
 
 
@@ -64,7 +79,7 @@ def margin_softmax_loss(
     embeddings: (B, d) features x, any float dtype.
     centres: (C, d) class centres W.
     labels: (B,) int in [0, C).
-    s, m1, m2, m3, gradient: see `margins.combined_margin`.
+    s, m1, m2, m3, gradient: see `margins.combined_margin` (s and the margins may be traced).
     normalize: False gives the plain softmax: logits x·Wᵀ + bias, no scale and
       no margin (then s must be 1 and the margins the identity).
     bias: (C,) or None, added to the logits of the plain softmax only.
@@ -85,7 +100,8 @@ def margin_softmax_loss(
     logits = s * margins.combined_margin(cos_theta, labels, m1, m2, m3,
                                          gradient=gradient)
   else:
-    if (s, m1, m2, m3) != (1.0, 1.0, 0.0, 0.0):
+    given = (s, m1, m2, m3)
+    if not any(isinstance(v, jax.core.Tracer) for v in given) and given != (1.0, 1.0, 0.0, 0.0):
       raise ValueError("the plain softmax (normalize=False) takes no scale or "
                        f"margin, got s={s}, m1={m1}, m2={m2}, m3={m3}")
     margins.check_labels(labels, centres.shape[0])
@@ -176,6 +192,8 @@ EXTENSIONS = ("official", "fallback", "monotone")
 ELASTICFACE_MARGINS = {"arc": 0.5, "cos": 0.35}
 # AdaFace's official head.py initialises its buffers to batch_mean = 20, batch_std = 100.
 ADAFACE_INITIAL_NORM_STATS = (20.0, 100.0)
+# AdaFace's eps: its cosines' clamp, its angle clip and the std's floor.
+_ADAFACE_EPS = 1e-3
 # √(1 − cos²θ) is floored here (the smallest normal float32): the value at |cos θ| = 1
 # stays exact and its gradient 0 instead of infinite.
 _SIN_FLOOR = float(jnp.finfo(jnp.float32).tiny)
@@ -389,8 +407,7 @@ def magface_loss(
     raise ValueError(f"MagFace needs 0 < l_a < u_a and lambda_g >= 0, got l_a={l_a}, "
                      f"u_a={u_a}, lambda_g={lambda_g}")
   rule = _extension_rule(extension, "easy")
-  norm = _clamp(_feature_norm(embeddings.astype(jnp.float32)), l_a, u_a)
-  margin = (u_m - l_m) / (u_a - l_a) * (norm - l_a) + l_m
+  norm, margin = _magface_margin(_feature_norm(embeddings.astype(jnp.float32)), l_a, u_a, l_m, u_m)
   cos = _clamp(_unit_cosines(embeddings, centres), -1.0, 1.0)
   is_target = _target_mask(labels, centres.shape[0])
   cos_y = _pick(cos, is_target)
@@ -447,25 +464,50 @@ def adaface_loss(
   if not 0.0 <= t_alpha <= 1.0 or not h >= 0:
     raise ValueError(f"t_alpha must be in [0, 1] and h >= 0, got t_alpha={t_alpha}, h={h}")
   rule = _extension_rule(extension, "clip", ("official", "monotone"))
-  eps = 1e-3
-  norms = jax.lax.stop_gradient(
-      jnp.clip(_feature_norm(embeddings.astype(jnp.float32)), 0.001, 100.0))
-  old_mean, old_std = (jnp.asarray(v, jnp.float32) for v in norm_stats)
-  mean = t_alpha * jnp.mean(norms) + (1.0 - t_alpha) * old_mean
-  std = t_alpha * jnp.std(norms, ddof=1) + (1.0 - t_alpha) * old_std
-  scaler = jnp.clip(h * (norms - mean) / (std + eps), -1.0, 1.0)
-  g_angular, g_additive = -m * scaler, m + m * scaler
+  norms = _adaface_norms(embeddings)
+  mean, std = _adaface_norm_stats(norms, norm_stats, t_alpha)
+  scaler = _adaface_scaler(norms, mean, std, h)
   raw_cos = _unit_cosines(embeddings, centres)
-  cos = _clamp(raw_cos, -1.0 + eps, 1.0 - eps)
+  cos = _clamp(raw_cos, -1.0 + _ADAFACE_EPS, 1.0 - _ADAFACE_EPS)
   is_target = _target_mask(labels, centres.shape[0])
-  theta = jnp.arccos(_pick(cos, is_target)) + g_angular
-  if rule == "clip":
-    target = jnp.cos(_clamp(theta, eps, jnp.pi - eps)) - g_additive
-  else:
-    target = margins.target_logit(_clamp(theta, eps, jnp.inf), m3=g_additive)
+  target = _adaface_logit(_pick(cos, is_target), scaler, m, rule)
   loss = _mean_cross_entropy(s * jnp.where(is_target, target[:, None], cos), is_target)
   theta_y = jax.lax.stop_gradient(margins.angle(_pick(raw_cos, is_target)))
   return loss, {"norm_stats": (mean, std), "theta_y": theta_y}
+
+
+def _adaface_norms(embeddings: jax.Array) -> jax.Array:
+  """(B,) AdaFace's detached feature norms, clipped to [0.001, 100]."""
+  return jax.lax.stop_gradient(
+      jnp.clip(_feature_norm(embeddings.astype(jnp.float32)), 0.001, 100.0))
+
+
+def _adaface_norm_stats(norms: jax.Array, norm_stats, t_alpha) -> tuple[jax.Array, jax.Array]:
+  """The new (μ, σ): the EMA of the mean and unbiased std of `norms` (every row of the batch)."""
+  old_mean, old_std = (jnp.asarray(v, jnp.float32) for v in norm_stats)
+  mean = t_alpha * jnp.mean(norms) + (1.0 - t_alpha) * old_mean
+  std = t_alpha * jnp.std(norms, ddof=1) + (1.0 - t_alpha) * old_std
+  return jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
+
+
+def _adaface_scaler(norms, mean, std, h) -> jax.Array:
+  """ẑ = clip(h·(n − μ)/(σ + eps), −1, 1), (B,), detached."""
+  return jax.lax.stop_gradient(jnp.clip(h * (norms - mean) / (std + _ADAFACE_EPS), -1.0, 1.0))
+
+
+def _adaface_logit(cos_y: jax.Array, scaler: jax.Array, m, rule: str) -> jax.Array:
+  """AdaFace's target logit (R,) of clamped target cosines and the rows' scalers ẑ:
+  cos(clip(θ_y − m·ẑ, eps, π − eps)) − (m + m·ẑ) ('clip'), or the monotone continuation."""
+  theta = jnp.arccos(cos_y) - m * scaler
+  if rule == "clip":
+    return jnp.cos(_clamp(theta, _ADAFACE_EPS, jnp.pi - _ADAFACE_EPS)) - (m + m * scaler)
+  return margins.target_logit(_clamp(theta, _ADAFACE_EPS, jnp.inf), m3=m + m * scaler)
+
+
+def _magface_margin(norm: jax.Array, l_a, u_a, l_m, u_m) -> tuple[jax.Array, jax.Array]:
+  """(a, m(a)): MagFace's clamped norm (live gradient) and its margin, (B,) each."""
+  a = _clamp(norm, l_a, u_a)
+  return a, (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
 
 
 def elasticface_loss(
@@ -522,34 +564,118 @@ def elasticface_loss(
   return loss, {"margin": margin, "theta_y": jax.lax.stop_gradient(margins.angle(cos_y))}
 
 
-def loss_config(preset: str = "arcface", **overrides) -> ml_collections.ConfigDict:
-  """A `config.loss` for a margin preset (see `margins.PRESETS`).
+# --- The loss a run trains: config.loss ------------------------------------------------
 
-  Its s, m1, m2, m3, normalize and bias, the exact gradient and the margin
-  softmax term alone. The config holds these values, not the preset's name:
-  every field acts, and `margin_name` names the margin from them. `overrides`
-  change any field, e.g.
-  `loss_config('arcface', intra_weight=1.0)` is the paper's ArcFace+Intra.
-  `inter_form` picks the paper's Inter ('angle') or insightface's ('cosine');
-  `margin_warmup_steps` > 0 anneals the margin in from the plain normalised
-  softmax over that many steps (`margins.make_margin`).
+# config.loss.kind: 'margin', the combined margin cos(m1·θ + m2) − m3 of the paper's Table 2
+# with its extra terms (`loss_config(preset)`); or a member of the family after ArcFace,
+# trained by the head exactly as its pure reference above computes it.
+MARGIN_KIND = "margin"
+# Each family kind's fields, with the values of its paper's official training scripts (the
+# references above name them). A kind's config holds these and `kind`, nothing else.
+FAMILY: dict[str, dict[str, Any]] = {
+    "subcenter_arcface": dict(s=64.0, m=0.5, subcenters=3, extension="official",
+                              margin_warmup_steps=0),
+    # No margin warm-up: its curriculum t (from 0) is its own easing-in of the hard negatives.
+    "curricularface": dict(s=64.0, m=0.5, momentum=0.01, extension="official"),
+    "magface": dict(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0,
+                    extension="official", margin_warmup_steps=0),
+    "adaface": dict(s=64.0, m=0.4, h=0.333, t_alpha=0.01, extension="official",
+                    margin_warmup_steps=0),
+    "elasticface_arc": dict(s=64.0, m=ELASTICFACE_MARGINS["arc"], sigma=0.05,
+                            extension="official", margin_warmup_steps=0),
+    "elasticface_cos": dict(s=64.0, m=ELASTICFACE_MARGINS["cos"], sigma=0.05,
+                            extension="official", margin_warmup_steps=0),
+}
+KINDS = (MARGIN_KIND, *FAMILY)
+# The extensions past θ_y + m = π each kind honours ('official': its official code's own;
+# CurricularFace's is the fallback). ElasticFace-cos's cos θ − m_i is monotone already.
+_KIND_EXTENSIONS = {"subcenter_arcface": EXTENSIONS, "curricularface": EXTENSIONS,
+                    "magface": EXTENSIONS, "adaface": ("official", "monotone"),
+                    "elasticface_arc": EXTENSIONS, "elasticface_cos": ("official",)}
+# The rule of `_arc_logit` (AdaFace: of `_adaface_logit`) that 'official' stands for.
+_OFFICIAL_RULES = {"subcenter_arcface": "none", "curricularface": "fallback", "magface": "easy",
+                   "adaface": "clip", "elasticface_arc": "none", "elasticface_cos": "none"}
+# Where the official code clamps the cosine before its margin; AdaFace clamps every
+# cosine, the non-targets too (`head.Negatives.clamp`).
+_COS_BOUNDS = {"adaface": (-1.0 + _ADAFACE_EPS, 1.0 - _ADAFACE_EPS)}
+
+
+def loss_config(name: str = "arcface", **overrides) -> ml_collections.ConfigDict:
+  """A `config.loss`: a margin preset (`margins.PRESETS`) or a family kind (`FAMILY`).
+
+  A preset gives kind 'margin': its s, m1, m2, m3, normalize and bias, the exact
+  gradient and the margin softmax term alone. The config holds these values, not the
+  preset's name: every field acts, and `margin_name` names the margin from them.
+  E.g. `loss_config('arcface', intra_weight=1.0)` is the paper's ArcFace+Intra.
+  `inter_form` picks the paper's Inter ('angle') or insightface's ('cosine').
+
+  A family kind ('subcenter_arcface', 'curricularface', 'magface', 'adaface',
+  'elasticface_arc', 'elasticface_cos') gives its paper's defaults and only the
+  fields it reads: s, its margin's parameters, `extension` ('official' past
+  θ_y + m = π as its official code does; 'fallback', 'monotone' where it honours
+  them, see `EXTENSIONS`).
+
+  `margin_warmup_steps` > 0 anneals the target logit in from the plain normalised
+  cos θ over that many steps (`margins.make_margin`; every kind but CurricularFace).
+  `overrides` change any field the config holds.
   """
-  spec = margins.get_preset(preset)
-  config = ml_collections.ConfigDict(dict(
-      s=spec.s, m1=spec.m1, m2=spec.m2, m3=spec.m3,
-      normalize=spec.normalize, bias=spec.bias, gradient="exact",
-      softmax_weight=1.0, intra_weight=0.0, inter_weight=0.0, inter_form="angle",
-      triplet_weight=0.0, triplet_margin=0.35, margin_warmup_steps=0))
+  if name in FAMILY:
+    config = ml_collections.ConfigDict(dict(kind=name, **FAMILY[name]))
+  else:
+    spec = margins.get_preset(name)
+    config = ml_collections.ConfigDict(dict(
+        kind=MARGIN_KIND, s=spec.s, m1=spec.m1, m2=spec.m2, m3=spec.m3,
+        normalize=spec.normalize, bias=spec.bias, gradient="exact",
+        softmax_weight=1.0, intra_weight=0.0, inter_weight=0.0, inter_form="angle",
+        triplet_weight=0.0, triplet_margin=0.35, margin_warmup_steps=0))
   unknown = set(overrides) - set(config)
   if unknown:
-    raise ValueError(f"unknown loss config fields {sorted(unknown)}; known: {sorted(config)}")
+    raise ValueError(f"unknown loss config fields {sorted(unknown)} for {name!r}; known: "
+                     f"{sorted(config)}")
   config.update(overrides)
   return config
 
 
+def _kind(config: Any) -> str:
+  return config.get("kind", MARGIN_KIND)
+
+
 def _weights(config: Any) -> dict[str, float]:
-  return {"softmax": config.softmax_weight, "intra": config.intra_weight,
-          "inter": config.inter_weight, "triplet": config.triplet_weight}
+  """{term: weight}: the margin kind's four terms; a family kind's softmax (and MagFace's g)."""
+  kind = _kind(config)
+  if kind == "magface":
+    return {"softmax": 1.0, "g": config.lambda_g}
+  if kind in FAMILY:
+    return {"softmax": 1.0}
+  return {term: config[f"{term}_weight"] for term in TERMS}
+
+
+def active_terms(config: Any) -> tuple[str, ...]:
+  """The terms of `config.loss` with a non-zero weight, in the order of `TERMS` (MagFace:
+  'softmax', then its norm regulariser 'g')."""
+  return tuple(term for term, weight in _weights(config).items() if weight)
+
+
+def num_subcenters(config: Any) -> int:
+  """K, the sub-centres per class the head stores for `config.loss`; 0: one centre per class."""
+  return config.subcenters if _kind(config) == "subcenter_arcface" else 0
+
+
+def init_loss_state(config: Any) -> dict[str, jax.Array]:
+  """The running state of `config.loss` before the first step, float32 scalars.
+
+  CurricularFace: {'t': 0}; AdaFace: {'norm_mean': 20, 'norm_std': 100} (the official
+  buffers' initial values, `ADAFACE_INITIAL_NORM_STATS`); every other loss keeps none: {}.
+  A loss with state returns the new one in aux['loss_state'] (computed from the global
+  batch, the same on every device) and `train.train_step` writes it into the TrainState.
+  """
+  kind = _kind(config)
+  if kind == "curricularface":
+    return {"t": jnp.zeros((), jnp.float32)}
+  if kind == "adaface":
+    mean, std = ADAFACE_INITIAL_NORM_STATS
+    return {"norm_mean": jnp.asarray(mean, jnp.float32), "norm_std": jnp.asarray(std, jnp.float32)}
+  return {}
 
 
 def margin_name(config: Any) -> str:
@@ -562,21 +688,52 @@ def margin_name(config: Any) -> str:
 
 
 def describe(config: Any) -> dict[str, Any]:
-  """{'preset': `margin_name`, 's', 'm1', 'm2', 'm3': the margin's values, 'terms': {name:
-  weight} of the active terms}, for results.json: all read from the values that act."""
-  return {"preset": margin_name(config), "s": config.s, "m1": config.m1, "m2": config.m2,
-          "m3": config.m3,
+  """For results.json, all read from the values that act: {'kind'; for the margin kind
+  'preset' (`margin_name`) and 's', 'm1', 'm2', 'm3'; for a family kind 'preset' the kind and
+  its fields; 'terms': {name: weight} of the active terms}."""
+  kind = _kind(config)
+  if kind == MARGIN_KIND:
+    values = {"preset": margin_name(config), "s": config.s, "m1": config.m1, "m2": config.m2,
+              "m3": config.m3}
+  else:
+    values = {"preset": kind, **{name: config[name] for name in FAMILY[kind]}}
+  return {"kind": kind, **values,
           "terms": {name: weight for name, weight in _weights(config).items() if weight}}
 
 
 def trains_centres(config: Any) -> bool:
   """Whether a `config.loss` trains the class centres (Triplet alone does not)."""
   weights = _weights(config)
-  return bool(weights["softmax"] or weights["intra"] or weights["inter"])
+  return bool(weights["softmax"] or weights.get("intra") or weights.get("inter"))
 
 
-def check_config(config: Any) -> None:
-  """Raises ConfigError naming the first `config.loss` value out of range."""
+def check_config(config: Any, *, batch_size: int | None = None) -> None:
+  """Raises ConfigError naming the first `config.loss` value out of range, or a field its
+  kind does not read. `batch_size`: the global batch, where a kind needs one (AdaFace: ≥ 2)."""
+  kind = _kind(config)
+  if kind not in KINDS:
+    raise errors.ConfigError(f"config.loss.kind must be one of {KINDS}, got {kind!r}")
+  if kind == MARGIN_KIND:
+    _check_margin_config(config)
+  else:
+    _check_family_config(config, batch_size)
+
+
+def _check_fields(config: Any, kind: str, fields) -> None:
+  for name in config:
+    if name in ("kind", *fields):
+      continue
+    if name == "margin_warmup_steps" and kind == "curricularface":
+      raise errors.ConfigError(
+          "config.loss.margin_warmup_steps: CurricularFace takes no margin warm-up (its "
+          "curriculum t, from 0, eases the hard negatives in; a partial margin would leave "
+          "them no defined target to be compared with): remove the field")
+    raise errors.ConfigError(f"config.loss.{name} is not read by loss kind {kind!r} (its "
+                             f"fields: {', '.join(fields)}): remove it")
+
+
+def _check_margin_config(config: Any) -> None:
+  _check_fields(config, MARGIN_KIND, [name for name in loss_config("arcface") if name != "kind"])
   try:
     margins.validate_margin(config.s, config.m1, config.m2, config.m3, config.gradient)
   except ValueError as error:
@@ -599,29 +756,75 @@ def check_config(config: Any) -> None:
                              f"got {config.triplet_margin} and {config.margin_warmup_steps}")
 
 
+def _check_family_config(config: Any, batch_size: int | None) -> None:
+  kind = config.kind
+  _check_fields(config, kind, tuple(FAMILY[kind]))
+
+  def require(ok: bool, name: str, must: str) -> None:
+    if not ok:
+      raise errors.ConfigError(f"config.loss.{name} must be {must} for {kind}, "
+                               f"got {config[name]!r}")
+
+  require(math.isfinite(config.s) and config.s > 0, "s", "finite and > 0")
+  if "m" in config:
+    if kind in ("elasticface_cos",):
+      require(math.isfinite(config.m) and config.m >= 0, "m", ">= 0 (a cosine margin)")
+    else:
+      require(0 <= config.m < math.pi, "m", "in [0, pi) (radians)")
+  if "margin_warmup_steps" in config:
+    require(isinstance(config.margin_warmup_steps, int) and config.margin_warmup_steps >= 0,
+            "margin_warmup_steps", "an int >= 0")
+  if kind == "elasticface_cos":
+    require(config.extension == "official", "extension",
+            "'official' (its target cos θ − m_i is monotone already)")
+  else:
+    require(config.extension in _KIND_EXTENSIONS[kind], "extension",
+            f"one of {_KIND_EXTENSIONS[kind]}")
+  if kind == "subcenter_arcface":
+    require(isinstance(config.subcenters, int) and not isinstance(config.subcenters, bool)
+            and config.subcenters >= 1, "subcenters", "an int >= 1")
+  elif kind == "curricularface":
+    require(0.0 <= config.momentum <= 1.0, "momentum", "in [0, 1]")
+  elif kind == "magface":
+    require(0 < config.l_a, "l_a", "> 0")
+    require(config.l_a < config.u_a, "u_a", f"> l_a = {config.l_a}")
+    require(0 <= config.l_m < math.pi, "l_m", "in [0, pi) (radians)")
+    require(0 <= config.u_m < math.pi, "u_m", "in [0, pi) (radians)")
+    require(math.isfinite(config.lambda_g) and config.lambda_g >= 0, "lambda_g", "finite and >= 0")
+  elif kind == "adaface":
+    require(math.isfinite(config.h) and config.h >= 0, "h", "finite and >= 0")
+    require(0.0 <= config.t_alpha <= 1.0, "t_alpha", "in [0, 1]")
+    if batch_size is not None and batch_size < 2:
+      raise errors.ConfigError(f"AdaFace needs config.train.batch_size >= 2 (the std of the "
+                               f"feature norms), got {batch_size}")
+  else:
+    require(math.isfinite(config.sigma) and config.sigma >= 0, "sigma", "finite and >= 0")
+
+
 class CompositeLoss(NamedTuple):
   """A weighted sum of loss terms: loss_fn(embeddings (B, d), head, labels (B,), key=None,
-  strength=1.0) -> (loss, aux).
+  strength=1.0, loss_state=None) -> (loss, aux).
 
-  terms(embeddings, head, labels, key, strength) -> ({name: unweighted value}, theta_y (B,));
-  weights: {name: weight} of the active terms.
+  terms(embeddings, head, labels, key, strength, loss_state) -> ({name: unweighted value},
+  aux) with aux['theta_y'] (B,) and, for a loss that keeps a state, aux['loss_state'];
+  weights: {name: weight} of the terms computed (floats, or traced scalars in a pack).
   """
-  terms: Callable[..., tuple[dict[str, jax.Array], jax.Array]]
-  weights: dict[str, float]
+  terms: Callable[..., tuple[dict[str, jax.Array], dict[str, Any]]]
+  weights: dict[str, float | jax.Array]
 
-  def __call__(self, embeddings, head, labels, key=None, strength=1.0):
-    terms, theta_y = self.terms(embeddings, head, labels, key, strength)
+  def __call__(self, embeddings, head, labels, key=None, strength=1.0, loss_state=None):
+    terms, aux = self.terms(embeddings, head, labels, key, strength, loss_state)
     total = sum(self.weights[name] * value for name, value in terms.items())
-    return total, {"theta_y": theta_y, **{f"loss/{name}": v for name, v in terms.items()}}
+    return total, {**aux, **{f"loss/{name}": v for name, v in terms.items()}}
 
-  def gradient_norms(self, embeddings, head, labels, key=None,
-                     strength=1.0) -> dict[str, jax.Array]:
+  def gradient_norms(self, embeddings, head, labels, key=None, strength=1.0,
+                     loss_state=None) -> dict[str, jax.Array]:
     """How hard each weighted term pulls: {'grad_norm/<term>': ‖∂(w·term)/∂x‖ over the batch's
     embeddings, 'grad_norm/<term>_centres': the same over the centres}."""
     norms = {}
     for name, weight in self.weights.items():
       term = lambda x, h, name=name, weight=weight: weight * self.terms(
-          x, h, labels, key, strength)[0][name]
+          x, h, labels, key, strength, loss_state)[0][name]
       on_x, on_head = jax.grad(term, argnums=(0, 1))(embeddings, head)
       norms[f"grad_norm/{name}"] = jnp.linalg.norm(on_x)
       norms[f"grad_norm/{name}_centres"] = jnp.linalg.norm(on_head["centres"])
@@ -629,8 +832,11 @@ class CompositeLoss(NamedTuple):
 
 
 def make_loss_fn(config: ml_collections.ConfigDict | Any, margin_term: head_lib.MarginTerm,
-                 num_classes: int | None = None) -> CompositeLoss:
-  """The composite loss of a `config.loss`: any row of the paper's Table 2.
+                 num_classes: int | None = None, hparams: dict[str, Any] | None = None, *,
+                 terms: tuple[str, ...] | None = None,
+                 collectives: sharding.Collectives = sharding.NO_COLLECTIVES) -> CompositeLoss:
+  """The composite loss of a `config.loss`: any row of the paper's Table 2, or a member of the
+  family after ArcFace (`FAMILY`).
 
       softmax_weight · margin softmax + intra_weight · Intra
         + inter_weight · Inter + triplet_weight · Triplet
@@ -639,30 +845,160 @@ def make_loss_fn(config: ml_collections.ConfigDict | Any, margin_term: head_lib.
     config: `config.loss` (checked here, before anything is compiled).
     margin_term: the head's margin softmax term (`head.margin_term`).
     num_classes: C; centre rows past it are padding (a sharded head's).
+    hparams: the values of s, m1, m2, m3 and the weights (the `TRACED_FIELDS` of that
+      name that the config holds; other keys are ignored): Python numbers, or traced
+      scalars in a pack (`train.make_pack_step`). None: the config's.
+    terms: the terms computed (a pack's: those active in any of its runs), each times
+      its weight; None: the config's active terms. A term of weight 0 adds exactly 0
+      (its value is finite), and θ_y is then the one the run computes alone. A family
+      kind computes its own terms (the runs of a pack share their kind).
+    collectives: the step's (`sharding.Parallelism.collectives`): a family member's
+      statistics of the batch (CurricularFace's mean target cosine, AdaFace's norm
+      statistics) and ElasticFace's margins are those of the global batch.
 
   Returns:
     loss_fn(embeddings (B, d), head {'centres': (K, d)[, 'bias': (C,)]},
-    labels (B,), key=None, strength=1.0) -> (loss, aux) with aux['theta_y']
-    (B,) radians and aux['loss/<term>'] (unweighted) for each active term.
+    labels (B,), key=None, strength=1.0, loss_state=None) -> (loss, aux) with
+    aux['theta_y'] (B,) radians and aux['loss/<term>'] (unweighted) for each
+    computed term; aux['loss_state'], the new state, for a loss that keeps one.
   """
   check_config(config)
-  weights = _weights(config)
+  hparams = ({name: config[name] for name in TRACED_FIELDS if name in config}
+             if hparams is None else hparams)
+  if _kind(config) in FAMILY:
+    return _family_loss_fn(config, margin_term, hparams, collectives)
+  terms = active_terms(config) if terms is None else tuple(terms)
+  unknown = set(terms) - set(TERMS)
+  if unknown:
+    raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {TERMS}")
+  weights = {name: hparams[f"{name}_weight"] for name in TERMS if name in terms}
 
-  def terms_of(embeddings, head, labels, key=None, strength=1.0):
-    centres, terms = head["centres"], {}
-    if weights["softmax"]:
-      terms["softmax"], aux = margin_term(embeddings, head, labels, key, strength)
+  def own_theta_y(embeddings, centres, labels):
+    x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
+    return jax.lax.stop_gradient(margins.angle(jnp.sum(x * w, axis=1)))
+
+  def terms_of(embeddings, head, labels, key=None, strength=1.0, loss_state=None):
+    del loss_state  # none of these terms keeps a state
+    centres, values = head["centres"], {}
+    if "softmax" in weights:
+      margin = margins.make_margin(hparams["m1"], hparams["m2"], hparams["m3"],
+                                   gradient=config.gradient, strength=strength)
+      values["softmax"], aux = margin_term(embeddings, head, labels, key, margin, hparams["s"])
       theta_y = aux["theta_y"]
+      if isinstance(weights["softmax"], jax.core.Tracer):  # a pack: a run without it has its own
+        theta_y = jnp.where(weights["softmax"] != 0, theta_y,
+                            own_theta_y(embeddings, centres, labels))
     else:
+      theta_y = own_theta_y(embeddings, centres, labels)
+    if "intra" in weights:
       x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
-      theta_y = jax.lax.stop_gradient(margins.angle(jnp.sum(x * w, axis=1)))
-    if weights["intra"]:
-      x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
-      terms["intra"] = intra_loss(margins.angle(jnp.sum(x * w, axis=1)))
-    if weights["inter"]:
-      terms["inter"] = inter_loss(centres, labels, config.inter_form, num_classes)
-    if weights["triplet"]:
-      terms["triplet"] = triplet_loss(embeddings, labels, config.triplet_margin)
-    return terms, theta_y
+      values["intra"] = intra_loss(margins.angle(jnp.sum(x * w, axis=1)))
+    if "inter" in weights:
+      values["inter"] = inter_loss(centres, labels, config.inter_form, num_classes)
+    if "triplet" in weights:
+      values["triplet"] = triplet_loss(embeddings, labels, config.triplet_margin)
+    return values, {"theta_y": theta_y}
 
-  return CompositeLoss(terms_of, {name: w for name, w in weights.items() if w})
+  return CompositeLoss(terms_of, weights)
+
+
+# --- The family in the trainer ---------------------------------------------------------
+
+
+def _family_margin(value, plain, strength, anneal: bool):
+  """The head's margin (cos_y (R,)[, rows]) -> (logit, slope) of a target logit
+  `value(cos_y, rows)`, annealed from `plain(cos_y)` by α = `strength` when `anneal`.
+
+  The logit keeps its gradient w.r.t. `rows` (MagFace's live norm); the slope is
+  dlogit/dcos_y at fixed rows, by forward-mode on the R target cosines.
+  """
+  def logit(cos_y, rows):
+    psi = value(cos_y, rows)
+    if not anneal:
+      return psi
+    base = plain(cos_y)
+    return base + strength * (psi - base)
+
+  def margin(cos_y, rows=None):
+    fixed = jax.lax.stop_gradient(rows)
+    slope = jax.jvp(lambda c: logit(c, fixed), (cos_y,), (jnp.ones_like(cos_y),))[1]
+    return logit(cos_y, rows), slope
+
+  return margin
+
+
+def _target_cosines(embeddings: jax.Array, centres: jax.Array, labels: jax.Array) -> jax.Array:
+  """(B,) x̂·Ŵ_y, float32 (centres (C, d))."""
+  return jnp.sum(l2_normalize(embeddings) * l2_normalize(centres[labels]), axis=1)
+
+
+def _family_loss_fn(config: Any, margin_term: head_lib.MarginTerm, hparams: dict[str, Any],
+                    collectives: sharding.Collectives) -> CompositeLoss:
+  """The loss of a family kind over the head, as its reference above computes it.
+
+  What each kind adds to the head's one core (`head.margin_softmax`):
+    subcenter_arcface: (C, K, d) centres, the max over K in every chunk; ArcFace's margin;
+    curricularface: t ← momentum·mean cos θ_y (global batch) + (1 − momentum)·t, then the
+      hard negatives re-weighted in every chunk (`head.Negatives`);
+    magface: the per-row margin m(‖x‖) of the live norm (its gradient flows through the
+      target logit) and the regulariser term 'g' = mean g(‖x‖), weight λ_g;
+    adaface: (μ, σ) of the detached norms of the global batch, then the per-row scaler ẑ,
+      and every cosine clamped to ±(1 − 1e-3) (`head.Negatives`);
+    elasticface_arc / _cos: one margin per row of the global batch from N(m, σ²), drawn
+      from the second key of `jax.random.split(key)` (the first samples Partial FC).
+  """
+  kind, s = config.kind, hparams["s"]
+  rule = _extension_rule(config.extension, _OFFICIAL_RULES[kind], _KIND_EXTENSIONS[kind])
+  warmup = hparams.get("margin_warmup_steps", 0)
+  anneal = isinstance(warmup, jax.core.Tracer) or warmup > 0
+  low, high = _COS_BOUNDS.get(kind, (-1.0, 1.0))
+  plain = lambda c: _clamp(c, low, high)
+  weights = {name: weight for name, weight in _weights(config).items() if weight}
+
+  def terms_of(embeddings, head, labels, key=None, strength=1.0, loss_state=None):
+    x = embeddings.astype(jnp.float32)
+    sample_key, margin_key = (None, None) if key is None else jax.random.split(key)
+    rows, negatives, state, values = None, None, {}, {}
+    if kind == "subcenter_arcface":
+      value = lambda c, rows: _arc_logit(plain(c), config.m, rule)
+    elif kind == "curricularface":
+      # Updated BEFORE its use, from this step's target cosines of the global batch.
+      cos_y = jax.lax.stop_gradient(plain(_target_cosines(x, head["centres"], labels)))
+      t = (config.momentum * collectives.mean(jnp.mean(cos_y))
+           + (1.0 - config.momentum) * loss_state["t"])
+      value = lambda c, rows: _arc_logit(plain(c), config.m, rule)
+      threshold = ((lambda c: value(c, None)) if rule == "monotone"
+                   else lambda c: _cos_plus(plain(c), config.m))
+      negatives, state = head_lib.Negatives(t=t, threshold=threshold), {"t": t}
+    elif kind == "magface":
+      norm, margin_of_norm = _magface_margin(_feature_norm(x), config.l_a, config.u_a,
+                                             config.l_m, config.u_m)
+      rows = {"margin": margin_of_norm}
+      value = lambda c, rows: _arc_logit(plain(c), rows["margin"], rule)
+      if "g" in weights:
+        values["g"] = jnp.mean(norm / config.u_a**2 + 1.0 / norm)
+    elif kind == "adaface":
+      norms = _adaface_norms(x)
+      mean, std = _adaface_norm_stats(collectives.gather_rows(norms),
+                                      (loss_state["norm_mean"], loss_state["norm_std"]),
+                                      config.t_alpha)
+      rows = {"scaler": _adaface_scaler(norms, mean, std, config.h)}
+      value = lambda c, rows: _adaface_logit(plain(c), rows["scaler"], config.m, rule)
+      negatives, state = head_lib.Negatives(clamp=(low, high)), {"norm_mean": mean,
+                                                                  "norm_std": std}
+    else:  # ElasticFace: every device draws the global batch's margins, then takes its own
+      if key is None:
+        raise ValueError("ElasticFace draws its margins from the step's key: pass one")
+      global_rows = collectives.gather_rows(labels).shape[0]
+      drawn = config.m + config.sigma * jax.random.normal(margin_key, (global_rows,), jnp.float32)
+      rows = {"margin": collectives.own_rows(drawn)}
+      if kind == "elasticface_arc":
+        value = lambda c, rows: _arc_logit(plain(c), rows["margin"], rule)
+      else:
+        value = lambda c, rows: plain(c) - rows["margin"]
+    margin = _family_margin(value, plain, strength, anneal)
+    values["softmax"], aux = margin_term(embeddings, head, labels, sample_key, margin, s,
+                                         rows=rows, negatives=negatives)
+    return values, {"theta_y": aux["theta_y"], "loss_state": state}
+
+  return CompositeLoss(terms_of, weights)

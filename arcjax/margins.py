@@ -3,6 +3,11 @@
 Pure functions on cos θ. Angles are in radians. The margin touches the target
 column only: arccos and cos run on the `B` target values (gather, modify,
 scatter), never on the whole `B×C` matrix.
+
+The margins m1, m2, m3, the scale and the warm-up length may be Python numbers
+(a solo run: static, checked here) or traced scalars (a pack of runs vmapped
+over a run axis, `train.make_pack_step`: checked on the host, per run, by
+`losses.check_config`). Both compute the same values.
 """
 
 import dataclasses
@@ -65,16 +70,25 @@ def get_preset(name: str) -> MarginSpec:
   return PRESETS[name]
 
 
-def validate_margin(s: float, m1: float, m2: float, m3: float,
-                    gradient: str = "exact") -> None:
-  """Raises ValueError naming the first out-of-range value."""
-  if not s > 0:
+def _is_traced(value) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _is_identity(m1, m2, m3) -> bool:
+  """Whether the margins are the identity (1, 0, 0), known before tracing."""
+  return not any(map(_is_traced, (m1, m2, m3))) and (m1, m2, m3) == (1.0, 0.0, 0.0)
+
+
+def validate_margin(s: float | jax.Array, m1: float | jax.Array, m2: float | jax.Array,
+                    m3: float | jax.Array, gradient: str = "exact") -> None:
+  """Raises ValueError naming the first out-of-range value; traced values are not checked."""
+  if not _is_traced(s) and not s > 0:
     raise ValueError(f"scale s must be > 0, got s={s}")
-  if not m1 > 0:
+  if not _is_traced(m1) and not m1 > 0:
     raise ValueError(f"multiplicative margin m1 must be > 0, got m1={m1}")
-  if not 0 <= m2 < math.pi:
+  if not _is_traced(m2) and not 0 <= m2 < math.pi:
     raise ValueError(f"additive angular margin m2 must be in [0, pi), got m2={m2}")
-  if not m3 >= 0:
+  if not _is_traced(m3) and not m3 >= 0:
     raise ValueError(f"additive cosine margin m3 must be >= 0, got m3={m3}")
   if gradient not in GRADIENTS:
     raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
@@ -119,42 +133,55 @@ def check_labels(labels, num_classes: int) -> None:
         f"({bad.size} labels out of range)")
 
 
-def logit_and_slope(cos_y: jax.Array, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, *,
+def logit_and_slope(cos_y: jax.Array, m1: float | jax.Array = 1.0, m2: float | jax.Array = 0.0,
+                    m3: float | jax.Array = 0.0, *,
                     gradient: Gradient = "exact") -> tuple[jax.Array, jax.Array]:
   """The target logit ψ(arccos(cos_y)) and its slope dψ/dcos_y, elementwise, float32.
 
   'straight_through' keeps the value and reports slope 1 (the plain cos θ's
-  backward), as insightface's arcface_torch does.
+  backward), as insightface's arcface_torch does. The identity margin (1, 0, 0)
+  gives exactly (cos_y, 1), also when the margins are traced.
   """
   cos_y = cos_y.astype(jnp.float32)
-  if (m1, m2, m3) == (1.0, 0.0, 0.0):
+  if _is_identity(m1, m2, m3):
     return cos_y, jnp.ones_like(cos_y)
   margin_fn = lambda c: target_logit(angle(c), m1, m2, m3)
   if gradient == "straight_through":
-    return margin_fn(cos_y), jnp.ones_like(cos_y)
-  return jax.jvp(margin_fn, (cos_y,), (jnp.ones_like(cos_y),))
+    logit, slope = margin_fn(cos_y), jnp.ones_like(cos_y)
+  else:
+    logit, slope = jax.jvp(margin_fn, (cos_y,), (jnp.ones_like(cos_y),))
+  if not any(map(_is_traced, (m1, m2, m3))):
+    return logit, slope
+  # A traced lane of the identity: cos(arccos(clip(c))) is c only to a rounding.
+  identity = (m1 == 1.0) & (m2 == 0.0) & (m3 == 0.0)
+  return jnp.where(identity, cos_y, logit), jnp.where(identity, 1.0, slope)
 
 
-def warmup_strength(step: jax.Array, warmup_steps: int) -> jax.Array:
+def warmup_strength(step: jax.Array, warmup_steps: int | jax.Array) -> jax.Array:
   """Margin strength α = min(1, step / warmup_steps) of the update numbered `step` (from 1).
 
   α = 1 (the full margin) from step `warmup_steps` on, and at every step when
-  `warmup_steps` is 0.
+  `warmup_steps` is 0. `warmup_steps` may be traced (a whole number as a float).
   """
-  if not warmup_steps:
-    return jnp.ones((), jnp.float32)
-  return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / warmup_steps)
+  step = jnp.asarray(step, jnp.float32)
+  if not _is_traced(warmup_steps):
+    if not warmup_steps:
+      return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, step / warmup_steps)
+  return jnp.where(warmup_steps > 0, jnp.minimum(1.0, step / jnp.maximum(warmup_steps, 1)), 1.0)
 
 
-def make_margin(m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, *,
-                gradient: Gradient = "exact", strength: jax.Array | float = 1.0) -> MarginFn:
+def make_margin(m1: float | jax.Array = 1.0, m2: float | jax.Array = 0.0,
+                m3: float | jax.Array = 0.0, *, gradient: Gradient = "exact",
+                strength: jax.Array | float = 1.0) -> MarginFn:
   """The margin cos(m1·θ + m2) − m3 as a `MarginFn`, annealed by `strength` α ∈ [0, 1].
 
       ψ_α(θ) = (1 − α)·cos θ + α·ψ(θ)
 
   α = 1 is the margin itself, α = 0 the plain normalised softmax: SphereFace's
   annealing (λ cos θ + ψ(θ)) / (1 + λ) with λ = (1 − α) / α, so that a large
-  margin can be reached gradually (`warmup_strength`). α may be a traced value.
+  margin can be reached gradually (`warmup_strength`). α and the margins may be
+  traced values.
   """
   validate_margin(1.0, m1, m2, m3, gradient)
 
@@ -193,7 +220,7 @@ def combined_margin(cos_theta: jax.Array, labels: jax.Array, m1: float = 1.0,
                      f"{cos_theta.shape} and {labels.shape}")
   check_labels(labels, cos_theta.shape[1])
   cos_theta = cos_theta.astype(jnp.float32)
-  if (m1, m2, m3) == (1.0, 0.0, 0.0):
+  if _is_identity(m1, m2, m3):
     return cos_theta
   return apply_margin(cos_theta, labels, make_margin(m1, m2, m3, gradient=gradient))
 

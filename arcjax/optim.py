@@ -1,7 +1,10 @@
 """The optimiser and the learning-rate schedule of `config.train` (optax).
 
 The optimiser updates {'backbone': params, 'head': head}; weight decay applies
-to kernels and class centres (≥ 2-D) only.
+to kernels and class centres (≥ 2-D) only. The learning rate and the weight
+decay may be traced (`TRACED_FIELDS`: the runs of a pack differ in them); the
+optimiser state's structure does not depend on their values, so the step can
+build the optimiser from its per-run values.
 """
 
 import math
@@ -17,6 +20,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("piecewise", "poly")
 # insightface's PolyScheduler decays the learning rate as (1 - progress)^2.
 POLY_POWER = 2.0
+# The config.train fields a step may take as traced values (`make_optimizer`'s hparams).
+TRACED_FIELDS = ("lr", "weight_decay")
 
 
 def check_config(train_config: ml_collections.ConfigDict) -> None:
@@ -67,15 +72,24 @@ def boundary_steps(train_config: ml_collections.ConfigDict) -> list[int]:
           for b in train_config.lr_boundaries]
 
 
-def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+def _hparams(train_config: ml_collections.ConfigDict,
+             hparams: dict[str, Any] | None) -> dict[str, Any]:
+  return {name: train_config[name] for name in TRACED_FIELDS} if hparams is None else hparams
+
+
+def make_schedule(train_config: ml_collections.ConfigDict,
+                  hparams: dict[str, Any] | None = None) -> optax.Schedule:
   """Learning rate as a function of the step (the update count, from 0).
+
+  `hparams['lr']` (a float or a traced scalar) replaces `train_config.lr` when given.
 
   A linear warm-up from 0 to `lr` over `warmup_steps` (none when 0), then
     'piecewise': `lr` divided by 10 at each of `lr_boundaries` (the paper's;
       `boundary_steps`);
     'poly': lr · (1 − (t − warmup) / (steps − warmup))² (insightface's PolyScheduler).
   """
-  lr, warmup, steps = train_config.lr, train_config.warmup_steps, train_config.steps
+  lr = _hparams(train_config, hparams)["lr"]
+  warmup, steps = train_config.warmup_steps, train_config.steps
   if train_config.schedule == "piecewise":
     boundaries = [b - warmup for b in boundary_steps(train_config)]
     main = optax.piecewise_constant_schedule(lr, {b: 0.1 for b in boundaries})
@@ -92,7 +106,8 @@ def _decay_mask(trainable: Any) -> Any:
   return jax.tree.map(lambda x: x.ndim > 1, trainable)
 
 
-def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(train_config: ml_collections.ConfigDict,
+                   hparams: dict[str, Any] | None = None) -> optax.GradientTransformation:
   """The optimiser of `config.train` over {'backbone': params, 'head': head}.
 
   'sgd': gradient (clipped to global norm `grad_clip` if > 0) plus
@@ -100,13 +115,17 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
   (v ← μv + g, w ← w − lr·v): the paper's SGD with momentum 0.9 and 5e-4.
   'adamw': clipping, then AdamW with decoupled `weight_decay` (same mask) and
   b1 = `momentum`.
+
+  `hparams` {'lr', 'weight_decay'} (floats or traced scalars; other keys are
+  ignored) replace the config's values when given; the state's structure is
+  the same whatever they are.
   """
-  schedule = make_schedule(train_config)
+  hparams = _hparams(train_config, hparams)
+  schedule, weight_decay = make_schedule(train_config, hparams), hparams["weight_decay"]
   clip = ([optax.clip_by_global_norm(train_config.grad_clip)]
           if train_config.grad_clip > 0 else [])
   if train_config.optimizer == "sgd":
-    return optax.chain(*clip, optax.add_decayed_weights(train_config.weight_decay, _decay_mask),
+    return optax.chain(*clip, optax.add_decayed_weights(weight_decay, _decay_mask),
                        optax.sgd(schedule, momentum=train_config.momentum))
   return optax.chain(*clip, optax.adamw(schedule, b1=train_config.momentum,
-                                        weight_decay=train_config.weight_decay,
-                                        mask=_decay_mask))
+                                        weight_decay=weight_decay, mask=_decay_mask))

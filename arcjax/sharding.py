@@ -20,7 +20,11 @@ rows — the centres and the optimiser's copies of them — are split over `AXIS
 
 Whatever the mode, the state between steps is also available in the global
 layout (`to_global`), which is what checkpoints store as it lies on the devices:
-no host copy, no gather of a sharded leaf. `initialize_distributed` starts
+no host copy, no gather of a sharded leaf.
+
+A pack of runs (`train.make_pack_step`) carries a leading run axis on its
+states and batches (`runs=True` below): each run's batch is split over `AXIS`
+as a solo run's is, the runs are not (yet) split over devices. `initialize_distributed` starts
 `jax.distributed` for a multi-host run.
 """
 
@@ -134,15 +138,33 @@ def partition_specs(tree: Any, rules: Rules) -> Any:
 
 
 class Collectives(NamedTuple):
-  """What a step needs of its devices: identity under jit, `pmean` / axis index under pmap."""
+  """What a step needs of its devices: identity under jit (where every array is global),
+  `pmean`, `all_gather` and the axis index under pmap (where each device holds its rows).
+
+  mean: a tree's mean over the devices (of per-device means: the global batch's mean).
+  fold_device: a key made different on each device.
+  gather_rows: (b, ...) this device's rows -> (B, ...) the global batch's, in device order.
+  own_rows: (B, ...) the global batch's rows -> (b, ...) this device's.
+  """
   mean: Callable[[Any], Any]
   fold_device: Callable[[jax.Array], jax.Array]
+  gather_rows: Callable[[jax.Array], jax.Array]
+  own_rows: Callable[[jax.Array], jax.Array]
 
 
-_NO_COLLECTIVES = Collectives(mean=lambda tree: tree, fold_device=lambda key: key)
+def _own_rows(x: jax.Array) -> jax.Array:
+  count = x.shape[0] // jax.lax.axis_size(AXIS)
+  return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(AXIS) * count, count)
+
+
+# One device, or global arrays under jit: every collective is the identity.
+NO_COLLECTIVES = Collectives(mean=lambda tree: tree, fold_device=lambda key: key,
+                             gather_rows=lambda x: x, own_rows=lambda x: x)
 _PMAP_COLLECTIVES = Collectives(
     mean=functools.partial(jax.lax.pmean, axis_name=AXIS),
-    fold_device=lambda key: jax.random.fold_in(key, jax.lax.axis_index(AXIS)))
+    fold_device=lambda key: jax.random.fold_in(key, jax.lax.axis_index(AXIS)),
+    gather_rows=functools.partial(jax.lax.all_gather, axis_name=AXIS, tiled=True),
+    own_rows=_own_rows)
 
 
 def check_config(train_config: Any, head_config: Any) -> None:
@@ -169,7 +191,7 @@ class Parallelism:
 
   @property
   def collectives(self) -> Collectives:
-    return _PMAP_COLLECTIVES if self.mode == "pmap" else _NO_COLLECTIVES
+    return _PMAP_COLLECTIVES if self.mode == "pmap" else NO_COLLECTIVES
 
   @property
   def bn_axis_name(self) -> str | None:
@@ -198,17 +220,27 @@ class Parallelism:
     abstract = jax.eval_shape(init_fn, key)
     return jax.jit(init_fn, out_shardings=self.shardings(abstract))(key)
 
-  def compile(self, step_fn: Callable[..., Any], state: Any) -> Callable[..., Any]:
+  def compile(self, step_fn: Callable[..., Any], state: Any, *,
+              runs: bool = False) -> Callable[..., Any]:
     """`step_fn(state, batch) -> (state, metrics)` compiled over the devices; state donated.
 
-    Takes and returns the state in the step layout (`to_step`).
+    Takes and returns the state in the step layout (`to_step`). With `runs` (a
+    pack; 'mesh' or 'none' only): `step_fn(states, batches, hparams, active)`,
+    the states' leaves and the batches with a leading run axis, each run's batch
+    split over the devices; hparams, active and the metrics replicated.
     """
     if self.mode == "pmap":
+      if runs:
+        raise errors.ConfigError("a pack of runs trains under train.parallel='mesh' or 'none'")
       return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
-    shardings = self.shardings(state)
-    return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(self.mesh, P(AXIS))),
-                   out_shardings=(shardings, NamedSharding(self.mesh, P())),
-                   donate_argnums=(0,))
+    shardings, replicated = self.shardings(state), NamedSharding(self.mesh, P())
+    if not runs:
+      return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(self.mesh, P(AXIS))),
+                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+    shardings = jax.tree.map(lambda leaf: NamedSharding(self.mesh, P(None, *leaf.spec)), shardings)
+    return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(self.mesh, P(None, AXIS)),
+                                          replicated, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
 
   def _local_mesh(self) -> Mesh:
     return Mesh(np.asarray(jax.local_devices()), (AXIS,))
@@ -238,18 +270,28 @@ class Parallelism:
                                     for shard in x.addressable_shards])
     return jax.tree.map(unstack, state)
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
-    """This host's slice of a global batch → the step's batch argument."""
-    if self.mode == "pmap":
+  def put_batch(self, batch: dict[str, np.ndarray], *, runs: bool = False) -> Any:
+    """This host's slice of a global batch → the step's batch argument.
+
+    `runs`: a pack's batches, each leaf (N, B/P, ...): N runs' slices stacked.
+    """
+    if self.mode == "pmap" and not runs:
       count = jax.local_device_count()
       return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
-    sharding = NamedSharding(self.mesh, P(AXIS))
+    sharding = NamedSharding(self.mesh, P(None, AXIS) if runs else P(AXIS))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
   def scalars(self, metrics: dict[str, jax.Array]) -> dict[str, float]:
     """A step's metrics as Python floats (the same on every device: read where they lie)."""
     return {name: float(np.asarray(value.addressable_shards[0].data).reshape(-1)[0])
             for name, value in metrics.items()}
+
+  def run_scalars(self, metrics: dict[str, jax.Array]) -> list[dict[str, float]]:
+    """A pack step's metrics, each (N,), as one dict of Python floats per run."""
+    values = {name: np.asarray(value.addressable_shards[0].data).reshape(-1)
+              for name, value in metrics.items()}
+    count = len(next(iter(values.values())))
+    return [{name: float(value[i]) for name, value in values.items()} for i in range(count)]
 
   def host(self, tree: Any) -> Any:
     """Global arrays → NumPy arrays of their whole value on this process (for evaluation).

@@ -10,12 +10,21 @@ the run's images), and from its centres when W was trained on the same classes
 the same command, a run resumes from its newest complete checkpoint and ends
 bit-identical (on CPU) to a run never interrupted: the batch, the dropout key
 and the margin's strength of step t are functions of (seed, t) only.
+
+`train_step(state, batch, hparams)` takes the run's per-run values
+(`step_hparams`: learning rate, weight decay, scale, margins, loss weights,
+margin warm-up) as an argument. A solo run closes over them as Python numbers:
+its compiled step is the one of a step that reads them from the config. A pack
+(`make_pack_step`) vmaps the step over a leading run axis of the states, the
+batches and those values, traced: the runs of a grid that differ only in them
+(`pack_key`) train in one compiled program.
 """
 
 import contextlib
 import datetime
 import functools
 import hashlib
+import json
 import time
 from typing import Any, NamedTuple
 
@@ -52,6 +61,7 @@ class TrainState:
   head: {'centres': (C_pad, d)[, 'bias': (C,)]} float32.
   opt_state: of the optimiser over {'backbone': params, 'head': head}.
   rng: (2,) uint32, raw key data (`jax.random.key_data`) of the run's dropout key.
+  loss_state: the loss's running state (`losses.init_loss_state`): {} for Table 2's losses.
   """
   step: jax.Array
   params: Any
@@ -59,6 +69,7 @@ class TrainState:
   head: dict[str, jax.Array]
   opt_state: Any
   rng: jax.Array
+  loss_state: dict[str, jax.Array]
 
   @property
   def trainable(self) -> dict[str, Any]:
@@ -76,7 +87,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not (isinstance(train[name], int) and train[name] > 0):
       raise errors.ConfigError(f"config.train.{name} must be an int > 0, got {train[name]!r}")
   models.check_config(config.model)
-  losses.check_config(config.loss)
+  losses.check_config(config.loss, batch_size=train.batch_size)
   head_lib.check_config(config.head, config.loss)
   data.check_config(config.data, batch_size=train.batch_size)
   optim.check_config(config.train)
@@ -100,11 +111,13 @@ def create_train_state(config: ml_collections.ConfigDict, key: jax.Array, *, num
   model_key, head_key, dropout_key = jax.random.split(key, 3)
   variables = model.init(model_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
   head = head_lib.init_head(head_key, num_classes, config.model.embedding_dim,
-                            bias=config.loss.bias, num_shards=num_shards)
+                            bias=config.loss.get("bias", False), num_shards=num_shards,
+                            subcenters=losses.num_subcenters(config.loss))
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     head=head, opt_state=tx.init({"backbone": params, "head": head}),
-                    rng=jax.random.key_data(dropout_key))
+                    rng=jax.random.key_data(dropout_key),
+                    loss_state=losses.init_loss_state(config.loss))
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -112,25 +125,52 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, loss_fn, schedule,
-               margin_warmup_steps: int, normalization: tuple[float, float],
+def step_hparams(config: ml_collections.ConfigDict) -> dict[str, float | int]:
+  """The values of `config` that a step takes as its `hparams` argument, as Python numbers.
+
+  {'lr', 'weight_decay'} (`optim.TRACED_FIELDS`) and {'s', 'm1', 'm2', 'm3',
+  'softmax_weight', 'intra_weight', 'inter_weight', 'triplet_weight',
+  'margin_warmup_steps'} (`losses.TRACED_FIELDS`, those the loss's kind holds): the runs
+  of a pack may differ in them.
+  """
+  return {**{name: config.train[name] for name in optim.TRACED_FIELDS},
+          **{name: config.loss[name] for name in losses.TRACED_FIELDS if name in config.loss}}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], hparams: dict[str, Any], *,
+               model, make_optimizer, make_schedule, make_loss_fn,
+               normalization: tuple[float, float],
                collectives: sharding.Collectives) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser update on a batch {'image': (B, H, W, C) uint8, 'label': (B,) int32}.
 
-  `normalization`: (mean, std) of the pixels (`models.normalization`).
-  `collectives` averages gradients and metrics over pmap's devices (identity
-  under jit, where every mean is already over the global batch).
+  Args:
+    state, batch: the run's.
+    hparams: `step_hparams`'s values: Python numbers (a solo run: static) or traced
+      scalars (a pack, vmapped over runs: `make_pack_step`).
+    model: the backbone (`models.make_model`).
+    make_optimizer, make_schedule: hparams -> the optax optimiser, its learning rate
+      schedule (`optim.make_optimizer`, `optim.make_schedule` of config.train).
+    make_loss_fn: hparams -> `losses.CompositeLoss`.
+    normalization: (mean, std) of the pixels (`models.normalization`).
+    collectives: averages gradients and metrics over pmap's devices (identity
+      under jit, where every mean is already over the global batch); the loss takes
+      them too, for its statistics of the global batch.
 
   Returns:
     (new state, metrics): 'loss', 'loss/<term>', 'grad_norm/<term>' and
     'grad_norm/<term>_centres' (‖∂(w·term)/∂x‖ over the batch's embeddings and over the
     centres, with several terms), 'grad_norm', 'lr',
-    'margin_strength', 'theta_y_deg' (mean target angle), 'param_norm' and
+    'margin_strength', 'theta_y_deg' (mean target angle), 'param_norm',
+    'loss_state/<name>' (a loss's running state, after this step's update) and
     'state_finite' (1 when every leaf of the new state is finite).
   """
-  key = collectives.fold_device(jax.random.fold_in(jax.random.wrap_key_data(state.rng),
-                                                   state.step))
-  strength = margins.warmup_strength(state.step + 1, margin_warmup_steps)
+  tx, schedule, loss_fn = make_optimizer(hparams), make_schedule(hparams), make_loss_fn(hparams)
+  # The loss's key is the same on every device (Partial FC's sample, ElasticFace's margins
+  # of the global batch); dropout's differs per device.
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  key = collectives.fold_device(step_key)
+  # A loss kind without a warm-up (CurricularFace) holds no margin_warmup_steps: α = 1.
+  strength = margins.warmup_strength(state.step + 1, hparams.get("margin_warmup_steps", 0))
   labels = batch["label"]
 
   def compute_loss(trainable):
@@ -139,7 +179,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, los
         models.normalize_images(batch["image"], normalization), train=True, rngs={"dropout": key},
         mutable=["batch_stats"])
     embeddings = embeddings.astype(jnp.float32)
-    loss, aux = loss_fn(embeddings, trainable["head"], labels, key, strength)
+    loss, aux = loss_fn(embeddings, trainable["head"], labels, step_key, strength,
+                        state.loss_state)
     return loss, (aux, updates.get("batch_stats", {}), embeddings)
 
   (loss, (aux, batch_stats, embeddings)), grads = jax.value_and_grad(
@@ -149,29 +190,185 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, los
              **{name: value for name, value in aux.items() if name.startswith("loss/")}}
   if len(loss_fn.weights) > 1:  # how hard each term pulls the embeddings and the centres
     metrics.update(loss_fn.gradient_norms(jax.lax.stop_gradient(embeddings), state.head, labels,
-                                          key, strength))
+                                          step_key, strength, state.loss_state))
+  # A loss's running state is a statistic of the global batch, computed inside the loss with
+  # the step's collectives: the same on every device already (a mean over the devices would
+  # be wrong for a std). It is logged as 'loss_state/<name>'.
+  loss_state = aux.get("loss_state", state.loss_state)
+  metrics.update({f"loss_state/{name}": value for name, value in loss_state.items()})
   grads, metrics = collectives.mean((grads, metrics))
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   new_state = state.replace(step=state.step + 1, params=trainable["backbone"],
-                            head=trainable["head"], batch_stats=batch_stats, opt_state=opt_state)
+                            head=trainable["head"], batch_stats=batch_stats, opt_state=opt_state,
+                            loss_state=loss_state)
   metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
                  param_norm=optax.tree.norm(trainable),
-                 state_finite=_all_finite((trainable, opt_state, batch_stats)).astype(jnp.float32))
+                 state_finite=_all_finite((trainable, opt_state, batch_stats,
+                                           loss_state)).astype(jnp.float32))
   return new_state, metrics
+
+
+def _step_fn(config: ml_collections.ConfigDict, par: sharding.Parallelism, num_classes: int,
+             terms: tuple[str, ...] | None = None):
+  """`train_step` of `config`'s static parts (the model, the optimiser's and the loss's form,
+  the head) for `num_classes` identities, the loss computing `terms` (default: its own)."""
+  margin_term = head_lib.margin_term(config.loss, config.head, num_classes, par.mesh)
+  return functools.partial(
+      train_step, model=models.make_model(config.model, bn_axis_name=par.bn_axis_name),
+      make_optimizer=functools.partial(optim.make_optimizer, config.train),
+      make_schedule=functools.partial(optim.make_schedule, config.train),
+      make_loss_fn=functools.partial(losses.make_loss_fn, config.loss, margin_term, num_classes,
+                                     terms=terms, collectives=par.collectives),
+      normalization=models.normalization(config.model), collectives=par.collectives)
 
 
 def make_train_step(config: ml_collections.ConfigDict, par: sharding.Parallelism,
                     num_classes: int, state: Any):
-  """`train_step` of `config` for `num_classes` identities, compiled over `par`'s devices."""
-  margin_term = head_lib.margin_term(config.loss, config.head, num_classes, par.mesh)
-  step = functools.partial(
-      train_step, model=models.make_model(config.model, bn_axis_name=par.bn_axis_name),
-      tx=optim.make_optimizer(config.train), schedule=optim.make_schedule(config.train),
-      loss_fn=losses.make_loss_fn(config.loss, margin_term, num_classes),
-      margin_warmup_steps=config.loss.margin_warmup_steps,
-      normalization=models.normalization(config.model), collectives=par.collectives)
-  return par.compile(step, state)
+  """`train_step` of `config` for `num_classes` identities, compiled over `par`'s devices:
+  step(state, batch) -> (state, metrics), the run's `step_hparams` closed over (static)."""
+  step, hparams = _step_fn(config, par, num_classes), step_hparams(config)
+  return par.compile(lambda state, batch: step(state, batch, hparams), state)
+
+
+# --- Packs: runs trained together, vmapped over a leading run axis -------------------
+
+# What the runs of a pack may differ in besides `step_hparams`: the seed (each run's initial
+# state and dropout key are in its own state), the sampler (the host draws each run's
+# batches).
+_PER_RUN_FIELDS = ("seed", "data.sampler", "data.pk_identities", "data.pk_images")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'train.lr': 0.1, ...}: a config's leaves by dotted path (tuples as lists, as in JSON)."""
+  flat = {}
+  for name, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{name}."))
+    else:
+      flat[f"{prefix}{name}"] = list(value) if isinstance(value, tuple) else value
+  return flat
+
+
+def _shared_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  per_run = {*_PER_RUN_FIELDS, *(f"train.{name}" for name in optim.TRACED_FIELDS),
+             *(f"loss.{name}" for name in losses.TRACED_FIELDS)}
+  return {name: value for name, value in _flat(config.to_dict()).items() if name not in per_run}
+
+
+def pack_key(config: ml_collections.ConfigDict) -> str:
+  """What the runs of one pack share, as a string: runs whose keys are equal can train together.
+
+  The runs of a pack may differ in
+    - the values a step takes traced (`step_hparams`): train.lr and train.weight_decay;
+      loss.s, m1, m2, m3, the four term weights and margin_warmup_steps;
+    - the seed (each run's initial state and dropout key live in its own state);
+    - the sampler: data.sampler, pk_identities, pk_images (the host draws each run's
+      batches from its own stream).
+  Every other field splits packs: the model, the data and image size, the batch size,
+  the steps and the schedule (kind, boundaries, warm-up), the optimiser and its momentum
+  and clipping, the head layout, the parallel mode, the loss's form (normalize, bias,
+  gradient, inter_form, triplet_margin), and also what only the host reads (evaluation,
+  angles, checkpoints, logging, max_param_norm), which a pack runs on one schedule.
+  """
+  return json.dumps(_shared_fields(config), sort_keys=True, default=repr)
+
+
+def check_pack(configs: list[ml_collections.ConfigDict], par: sharding.Parallelism) -> None:
+  """Raises ConfigError unless `configs` can train as one pack over `par`.
+
+  A pack runs under 'mesh' or 'none' with a replicated head: under 'pmap' the
+  step's arrays already carry the device axis first, and a sharded head lays
+  its centres over the mesh axis by rules written for one run (a run axis beside
+  the data axis would be needed first).
+  """
+  if not configs:
+    raise errors.ConfigError("a pack needs at least one run")
+  if par.mode == "pmap":
+    raise errors.ConfigError("a pack of runs trains under train.parallel='mesh' or 'none', "
+                             "not 'pmap'")
+  first = _shared_fields(configs[0])
+  for index, config in enumerate(configs):
+    check_config(config)
+    if config.head.sharded:
+      raise errors.ConfigError("a pack of runs needs config.head.sharded=False (a sharded "
+                               "head trains alone)")
+    fields = _shared_fields(config)
+    differ = sorted(name for name in first.keys() | fields.keys()
+                    if first.get(name) != fields.get(name))
+    if differ:
+      raise errors.ConfigError(
+          f"run {index} of the pack differs from run 0 in config.{differ[0]} "
+          f"({fields.get(differ[0])!r} vs {first.get(differ[0])!r}), which a pack shares: "
+          "see train.pack_key")
+
+
+def stack_runs(trees: list[Any]) -> Any:
+  """Trees of the same structure → one tree whose leaves carry a leading run axis (N, ...)."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def unstack_runs(tree: Any) -> list[Any]:
+  """A tree with a leading run axis → its N runs' trees (the inverse of `stack_runs`)."""
+  count = jax.tree.leaves(tree)[0].shape[0]
+  return [jax.tree.map(lambda leaf, i=i: leaf[i], tree) for i in range(count)]
+
+
+def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Parallelism,
+                   num_classes: int, states: Any):
+  """One compiled step for the N runs of `configs` (`check_pack`), vmapped over a run axis.
+
+  Args:
+    configs: the runs' configs, equal in `pack_key`.
+    par: a 'mesh' or 'none' parallelism; each run's batch is split over its devices.
+    num_classes: C, the same for every run (the data is shared).
+    states: the runs' TrainStates stacked (`stack_runs`), to lay out the compiled step.
+
+  Returns:
+    step(states, batches, active) -> (states, metrics): batches {'image': (N, B, H, W, C)
+    uint8, 'label': (N, B) int32} (each run's own, stacked; `par.put_batch(..., runs=True)`),
+    active (N,) bool. Each run's new state is that of its solo step (to float rounding;
+    the tests say how close); a run that is not active keeps its state bit for bit (its
+    lane still computes, on whatever batch it is given). metrics: each of `train_step`'s
+    with a leading (N,) axis, for the union of the runs' loss terms: `run_metrics` keeps a
+    run's own. The values the runs share are static, as in a solo step; those they differ
+    in are traced.
+  """
+  check_pack(configs, par)
+  values = [step_hparams(config) for config in configs]
+  shared = {name: value for name, value in values[0].items()
+            if all(run[name] == value for run in values)}
+  varying = {name: jnp.asarray([run[name] for run in values], jnp.float32)
+             for name in values[0] if name not in shared}
+  terms = tuple(term for term in losses.TERMS
+                if any(term in losses.active_terms(config.loss) for config in configs))
+  step = _step_fn(configs[0], par, num_classes, terms)
+
+  def pack_step(states, batches, varying, active):
+    run = lambda state, batch, values: step(state, batch, {**shared, **values})
+    new_states, metrics = jax.vmap(run)(states, batches, varying)
+    keep = lambda new, old: jnp.where(active.reshape(-1, *(1,) * (new.ndim - 1)), new, old)
+    return jax.tree.map(keep, new_states, states), metrics
+
+  compiled = par.compile(pack_step, states, runs=True)
+  return lambda states, batches, active: compiled(states, batches, varying,
+                                                  jnp.asarray(active, bool))
+
+
+def run_metrics(config: ml_collections.ConfigDict, row: dict[str, float]) -> dict[str, float]:
+  """One run's metrics out of its pack's `row`, the names its solo step reports: 'loss/<term>'
+  of its own terms, 'grad_norm/<term>[_centres]' of its own terms when it has several."""
+  own = losses.active_terms(config.loss)
+
+  def is_own(name):
+    kind, _, term = name.partition("/")
+    if kind == "loss" and term:
+      return term in own
+    if kind == "grad_norm" and term:
+      return len(own) > 1 and term.removesuffix("_centres") in own
+    return True
+
+  return {name: value for name, value in row.items() if is_own(name)}
 
 
 # What decides a run's classes: W's centres are its classes' only when all of these agree.

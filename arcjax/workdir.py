@@ -71,7 +71,8 @@ FREE_FIELDS = ("train.steps", "train.log_every", "train.checkpoint_every",
 _ABSENT = "<absent>"
 # Fields added after runs were made, with the value every earlier run had: a stored
 # config.json without them meant this, so resuming it or collecting its grid is no change.
-ADDED_FIELDS = {"model.input_mean": 127.5, "model.input_std": 128.0, "train.init_from": ""}
+ADDED_FIELDS = {"model.input_mean": 127.5, "model.input_std": 128.0, "train.init_from": "",
+                "loss.kind": "margin"}
 # Fields that earlier runs' config.json hold and configs no longer have: labels that never
 # changed what was computed (loss.preset named the margin that s, m1, m2, m3 gave).
 REMOVED_FIELDS = ("loss.preset",)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The device check, for when a GPU is at hand (under 8 minutes on one H100 or H200):
-#   1. the head's cost: ArcFace / plain normalised softmax at C = 85 742 (target ≤ 1.05);
+#   1. the head's cost: ArcFace / plain normalised softmax at C = 85 742 (target ≤ 1.05), and
+#      the margin family's (target ≤ 1.15; sub-center against a K·C plain softmax too);
 #   2. the class-chunked loss at C = 2 M: memory and time against the whole (B, C) block;
 #   3. the IResNet-50 112×112 train step in bfloat16: images/s, TFLOP/s and MFU.
 # Each writes its table; all of them go to one file as well.

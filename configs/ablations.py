@@ -1,11 +1,13 @@
-"""The ArcFace paper's ablations (Deng et al., CVPR 2019): every row of its Table 2.
+"""The ArcFace paper's ablations (Deng et al., CVPR 2019): every row of its Table 2, and the
+margin family after it (sub-center ArcFace, CurricularFace, MagFace, AdaFace, ElasticFace).
 
   python -m arcjax.main --config=configs/ablations.py:arcface --workdir=runs/arcface
   python -m arcjax.main --config=configs/ablations.py:cm1,setting=paper --workdir=...
   python -m experiments.launch --grid=configs/ablations.py:table5 --workdir=runs/table5
 
 `arg` is `ROW[,setting=cpu|paper][,gradient=exact|straight_through][,OPTION=VALUE…]`:
-  - ROW: a loss, a key of `ROWS` (the paper's Table 2 names in the comments);
+  - ROW: a loss, a key of `ROWS` (the paper's Table 2 names in the comments; the family
+    rows with their papers' defaults, `losses.FAMILY`);
   - setting: the backbone, data and schedule, independent of the loss:
       'cpu' (default): a tiny CNN on the embedded Omniglot characters (242
         handwritten characters × 20 drawers; 42 characters held out for
@@ -21,14 +23,17 @@
     normalised softmax (SphereFace's λ-annealing; `margins.make_margin`);
   - steps=N, intra=W, inter=W, inter_form=angle|cosine: the run's length, the
     Intra / Inter weights and the Inter form (the paper's eq. 6 or insightface's).
+  An option a row's loss does not read (gradient, intra, inter, inter_form on a family
+  row; warmup on CurricularFace) stops with one line when the run starts.
 
 `sweep(arg)` lists the rows of a grid, `arg` = `GRID[,OPTION=VALUE…]` (the
-options apply to every row) with GRID one of `GRIDS`: 'table2' (every row),
+options apply to every row) with GRID one of `GRIDS`: 'table2' (every row of Table 2),
 'table5' (the losses whose angle statistics the paper's Table 5 compares),
 'margins' (the single margins), 'gradient' (ArcFace with each gradient),
 'large_margins' (large margins from scratch, with and without a warm-up), the
 'study_*' grids of the README's Table 5 study, and 'table5_balanced' (Table 5
-with the extra terms weighted by a stated rule, see GRIDS).
+with the extra terms weighted by a stated rule, see GRIDS), and 'family' (the margin
+family after ArcFace beside Norm-Softmax, ArcFace with and without the warm-up, and CosFace).
 """
 
 import ml_collections
@@ -57,9 +62,18 @@ ROWS: dict[str, tuple[str, dict[str, float]]] = {
     "arcface_inter": ("arcface", {"inter_weight": 1.0}),
     "arcface_intra_inter": ("arcface", {"intra_weight": 1.0, "inter_weight": 1.0}),
     "arcface_triplet": ("arcface", {"triplet_weight": 1.0}),
+    # The family after ArcFace (`losses.FAMILY`), each with its paper's official defaults:
+    "subcenter_arcface": ("subcenter_arcface", {}),  # Deng et al. 2020, K = 3, m = 0.5
+    "curricularface": ("curricularface", {}),        # Huang et al. 2020, m = 0.5
+    "magface": ("magface", {}),                      # Meng et al. 2021, m(a) in [0.45, 0.8]
+    "adaface": ("adaface", {}),                      # Kim et al. 2022, m = 0.4, h = 0.333
+    "elasticface_arc": ("elasticface_arc", {}),      # Boutros et al. 2022, m ~ N(0.5, 0.05²)
+    "elasticface_cos": ("elasticface_cos", {}),      # m ~ N(0.35, 0.05²)
 }
+FAMILY_ROWS = ("subcenter_arcface", "curricularface", "magface", "adaface", "elasticface_arc",
+               "elasticface_cos")
 GRIDS: dict[str, tuple[str, ...]] = {
-    "table2": tuple(ROWS),
+    "table2": tuple(row for row in ROWS if row not in FAMILY_ROWS),
     "table5": ("norm_softmax", "arcface", "ns_intra", "ns_inter", "triplet"),
     "margins": ("softmax", "norm_softmax", "sphereface", "cosface", "arcface_0.4",
                 "arcface_0.45", "arcface", "arcface_0.55", "cm1", "cm2"),
@@ -81,6 +95,9 @@ GRIDS: dict[str, tuple[str, ...]] = {
     # rounded to one significant figure: intra 200, inter 2000. Length and all else as 'cpu'.
     "table5_balanced": ("norm_softmax", "arcface", "ns_intra,intra=200", "ns_inter,inter=2000",
                         "triplet"),
+    # The family after ArcFace beside the paper's references, ArcFace from scratch and with
+    # the warm-up the default run uses (the family rows keep their papers' settings).
+    "family": ("norm_softmax", "arcface", "arcface,warmup=300", "cosface", *FAMILY_ROWS),
 }
 SETTINGS = ("cpu", "paper")
 GRADIENTS = ("exact", "straight_through")
@@ -147,14 +164,14 @@ def get_config(arg: str | None = "arcface") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown row {row!r} of configs/ablations.py; known: {', '.join(ROWS)}")
   preset, weights = ROWS[row]
   config = default.get_config()  # the 'cpu' setting: the default run's model, data, schedule
-  config.loss = losses.loss_config(preset, **weights)  # the row's loss, as the paper's (no warm-up)
+  config.loss = losses.loss_config(preset, **weights)  # the row's loss, as its paper's (no warm-up)
   if options.get("setting") == "paper":
     _paper_setting(config)
   for key, value in options.items():
     if _OPTIONS[key][3] is not None:
       section, field = _OPTIONS[key][3]
       config[section][field] = value
-  if config.loss.triplet_weight:
+  if config.loss.get("triplet_weight"):
     # Batch-hard mining needs positives in the batch: P identities × K images.
     config.data.sampler = "pk"
     config.data.pk_images = 4

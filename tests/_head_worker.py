@@ -39,7 +39,7 @@ def _global(mesh, array, spec):
 
 def train(sample_rate: float) -> tuple[np.ndarray, np.ndarray]:
   """Final (params, centres) after STEPS SGD steps over all of jax.devices()."""
-  from arcjax import head, losses, sharding  # pylint: disable=import-outside-toplevel
+  from arcjax import head, losses, margins, sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh()
   data = problem()
   term = head.margin_term(
@@ -49,7 +49,8 @@ def train(sample_rate: float) -> tuple[np.ndarray, np.ndarray]:
 
   @jax.jit
   def step(params, centres, inputs, labels, key):
-    loss_fn = lambda p, c: term(inputs @ p, {"centres": c}, labels, key, 1.0)[0]
+    loss_fn = lambda p, c: term(inputs @ p, {"centres": c}, labels, key,
+                                margins.make_margin(m2=M2), SCALE)[0]
     g_params, g_centres = jax.grad(loss_fn, argnums=(0, 1))(params, centres)
     return params - LR * g_params, centres - LR * g_centres
 

@@ -32,6 +32,33 @@ def test_target_and_nearest_nontarget_angles_in_the_plane():
                              [80.0, 65.0, 110.0, 100.0], atol=1e-9)
 
 
+def test_subcentres_the_angle_to_a_class_is_to_its_closest_and_its_centre_the_dominant():
+  # Class 0's sub-centres at 0° (long) and 100°, class 1's at 180° and 60°, class 2's at 250°
+  # and 270° (no embedding: its longest, 270°, stands for it).
+  subcentres = np.stack([_unit2([0.0, 100.0], scale=[1.0, 5.0]),
+                         _unit2([180.0, 60.0], scale=[2.0, 1.0]),
+                         _unit2([250.0, 270.0], scale=[1.0, 4.0])])
+  embeddings = _unit2([10.0, 95.0, 105.0, 170.0, 20.0])
+  labels = np.array([0, 0, 0, 1, 1])
+  # By hand: 10° -> 0° (10); 95° -> 100° (5); 105° -> 100° (5); 170° -> 180° (10);
+  # 20° -> 60° (40).
+  np.testing.assert_allclose(_deg(angles.target_angles(embeddings, subcentres, labels)),
+                             [10.0, 5.0, 5.0, 10.0, 40.0], atol=1e-9)
+  # Nearest other class, over its sub-centres: 10° -> 60° (50); 95° -> 60° (35);
+  # 105° -> 60° (45); 170° -> 100° (70); 20° -> 0° (20).
+  np.testing.assert_allclose(
+      _deg(angles.nearest_nontarget_angles(embeddings, subcentres, labels)),
+      [50.0, 35.0, 45.0, 70.0, 20.0], atol=1e-9)
+  # Dominant: class 0's 100° (2 of 3 embeddings), class 1's a tie (1 each: the first,
+  # 180°), class 2 none: its longest, 270°.
+  dominant = angles.dominant_subcentres(embeddings, labels, subcentres)
+  np.testing.assert_array_equal(dominant, subcentres[[0, 1, 2], [1, 0, 1]])
+  stats = angles.angle_statistics(embeddings, labels, subcentres)
+  assert stats == angles.angle_statistics(embeddings, labels, dominant)
+  # W-Inter over the dominant centres 100°, 180°, 270°: 80, 80, 90.
+  assert stats["w_inter_deg"] == pytest.approx((80 + 80 + 90) / 3)
+
+
 def test_target_angle_is_exact_at_zero_and_pi():
   e = np.array([[1.0, 0.0], [1.0, 0.0]])
   theta = angles.target_angles(e, np.array([[3.0, 0.0], [-2.0, 0.0]]), np.array([0, 1]))
@@ -233,3 +260,45 @@ def test_class_mean_angles_and_embedding_statistics_in_the_plane():
     angles.class_mean_angles(emb, np.zeros(5, int))
   with pytest.raises(ValueError, match="need trained class centres and there are none"):
     angles.angle_statistics(emb, labels, np.zeros((0, 2)))
+
+
+def test_the_angles_evaluator_records_feature_norms_and_subcentre_angles(tmp_path):
+  """evaluators.Angles on a sub-center head: the probe set's ‖x‖ (the backbone's raw output)
+  beside θ_y and the nearest angle (to the closest sub-centres), as arrays and histograms."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from arcjax import data, evaluators, inference, losses, train, workdir  # pylint: disable=import-outside-toplevel
+  from arcjax import logging as arcjax_logging  # pylint: disable=import-outside-toplevel
+  from arcjax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config.loss = losses.loss_config("subcenter_arcface")
+  config.angles.probe_size, config.train.steps, config.wandb.mode = 64, 10, "disabled"
+  datasets = data.get_datasets(config.data)
+  state = train.create_train_state(config, jax.random.key(0), num_classes=datasets.num_classes,
+                                   image_shape=(32, 32, 1))
+  centres = np.asarray(state.head["centres"])
+  assert centres.shape == (datasets.num_classes, 3, config.model.embedding_dim)
+  directory = workdir.as_path(tmp_path)
+  writer = arcjax_logging.MetricWriter(directory, config)
+  evaluator = evaluators.Angles(config, datasets.train, datasets.unseen, writer, directory,
+                                primary=True)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  evaluator(evaluators.ModelView(5, variables, centres))
+  writer.close()
+  record = np.load(tmp_path / "angles" / "theta_step00000005.npz")
+  # The probe set: config.angles.probe_size training images drawn by the run's seed.
+  indices = np.sort(np.random.default_rng(config.seed).permutation(len(datasets.train))[:64])
+  images = pipeline.load_images(datasets.train, indices, image_size=(32, 32))
+  outputs = np.asarray(inference.embedder(config.model)(variables, images), np.float64)
+  np.testing.assert_allclose(record["feature_norm"], np.linalg.norm(outputs, axis=1), rtol=1e-6)
+  labels = np.asarray(datasets.train.labels)[indices]
+  np.testing.assert_array_equal(record["labels"], labels)
+  unit = outputs / np.linalg.norm(outputs, axis=1, keepdims=True)
+  w = centres / np.linalg.norm(centres, axis=2, keepdims=True)
+  cos = np.einsum("nd,ckd->nck", unit, w).max(axis=2)  # the closest sub-centre of each class
+  rows = np.arange(len(labels))
+  np.testing.assert_allclose(record["theta_target"], np.arccos(cos[rows, labels]), atol=1e-6)
+  cos[rows, labels] = -np.inf
+  np.testing.assert_allclose(record["theta_nearest"], np.arccos(cos.max(axis=1)), atol=1e-6)
+  histogram = np.load(next((tmp_path / "histograms").glob("*feature_norm*")))
+  assert histogram["counts"].sum() == 64

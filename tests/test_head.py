@@ -201,7 +201,8 @@ def _sharded(mesh, x, w, y, num_classes=C, sample_rate=1.0, chunk_size=0, name="
   term = head.margin_term(loss_config, head_config, num_classes, mesh)
   padded = jnp.pad(w, ((0, head.padded_num_classes(num_classes, N) - num_classes), (0, 0)))
   placed = jax.device_put(padded, jax.sharding.NamedSharding(mesh, jax.P(sharding.AXIS)))
-  fn = lambda a, b: term(a, {"centres": b}, y, key, jnp.float32(1.0))
+  margin = margins.make_margin(loss_config.m1, loss_config.m2, loss_config.m3)
+  fn = lambda a, b: term(a, {"centres": b}, y, key, margin, loss_config.s)
   (loss, aux), grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(x, placed)
   assert grads[1].sharding.spec == jax.P(sharding.AXIS)  # the centre gradient stays sharded
   return loss, grads, aux["theta_y"]

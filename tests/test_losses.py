@@ -263,7 +263,7 @@ def test_the_config_holds_the_margin_s_values_and_results_name_them_from_those()
   config.m3 = 0.0
   assert losses.describe(config)["preset"] == "norm_softmax"
   config.m2 = 0.5
-  assert losses.describe(config) == {"preset": "arcface", "s": 64.0, "m1": 1.0, "m2": 0.5,
-                                     "m3": 0.0, "terms": {"softmax": 1.0}}
+  assert losses.describe(config) == {"kind": "margin", "preset": "arcface", "s": 64.0, "m1": 1.0,
+                                     "m2": 0.5, "m3": 0.0, "terms": {"softmax": 1.0}}
   config.s = 30.0
   assert losses.describe(config)["preset"] == "custom"

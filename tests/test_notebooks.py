@@ -32,6 +32,9 @@ ROWS = {"arcface": (31.0, (0, 1, 2), ()),
         "norm_softmax": (52.0, (0, 1, 2), ()),
         "triplet_l": (64.0, (0, 1), (2,)),  # trains no centres: W-EC, W-Inter do not apply
         "inter_l": (45.0, (), (0,))}
+# Rows whose θ records hold the probe's feature norms (the others are runs from before they did):
+# row: the mean norm at the start and at the end.
+NORM_ROWS = {"arcface": (4.0, 30.0), "norm_softmax": (4.0, 12.0)}
 ANGLE_KEYS = ("w_ec_deg", "w_inter_deg", "intra1_deg", "inter1_deg", "intra2_deg", "inter2_deg")
 
 
@@ -66,9 +69,14 @@ def _write_run(run: pathlib.Path, row: str, seed: int, *, finished: bool,
   for step in steps:
     progress = step / STEPS[-1]
     theta_target = _theta(rng, 90 + (end_theta - 90) * progress, 3 + 6 * progress, probe)
+    norms = {}
+    if row in NORM_ROWS:
+      start, end = NORM_ROWS[row]
+      norms["feature_norm"] = np.abs(rng.normal(start + (end - start) * progress, 1 + progress,
+                                                probe))
     np.savez(run / "angles" / f"theta_step{step:08d}.npz", theta_target=theta_target,
              theta_nearest=_theta(rng, 88 - 12 * progress, 3 + 2 * progress, probe),
-             labels=labels)
+             labels=labels, **norms)
     means[step] = float(np.degrees(theta_target.astype(np.float64)).mean())
   with open(run / "metrics.jsonl", "w") as f:
     for step in steps:
@@ -155,6 +163,24 @@ def _check_theta_summary(nb, means: dict[str, dict[int, float]], shown: list[str
       assert abs(float(fields[2]) - means[name][int(fields[1])]) <= 0.051, (name, fields)
 
 
+def _check_norms(nb, root: pathlib.Path, shown: list[str]) -> None:
+  """The norms section prints each run's mean and std ‖x‖ at its start, middle and end, read
+  here from the records written, and draws one figure; runs without norms are left out."""
+  printed = {}
+  for line in _text(nb, "norms").splitlines()[1:]:
+    name, stage, step, mean, std = line.split()
+    printed.setdefault(name, []).append((stage, int(step), float(mean), float(std)))
+  assert list(printed) == shown
+  for name in shown:
+    assert [(stage, step) for stage, step, _, _ in printed[name]] == [
+        ("start", 0), ("middle", 150), ("end", 300)]
+    for _, step, mean, std in printed[name]:
+      with np.load(root / name / "angles" / f"theta_step{step:08d}.npz") as record:
+        norms = record["feature_norm"]
+      assert abs(mean - norms.mean()) <= 0.0051 and abs(std - norms.std()) <= 0.0051
+  assert _pngs(nb, "norms") == 1
+
+
 def _mean_std(values) -> str:
   return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
@@ -167,6 +193,7 @@ def test_theta_histograms_notebook(grid):
                                    "inter_l/seed0"])
   assert _pngs(nb, "per_loss") == 1
   assert _pngs(nb, "end") == 1
+  _check_norms(nb, root, ["arcface/seed0", "norm_softmax/seed0"])
   assert _text(nb, "model").startswith("No finished run with a checkpoint among arcface/seed0")
   assert "this section is skipped" in _text(nb, "model")
   assert _pngs(nb, "model_plot") == 0
@@ -178,6 +205,10 @@ def test_theta_histograms_notebook_plots_the_chosen_seed(grid):
   _check_theta_summary(nb, means, ["triplet_l/seed1", "arcface/seed1"])
   assert list(_summary(nb)) == ["triplet_l/seed1", "arcface/seed1"]  # in RUN_NAMES' order
   assert _pngs(nb, "per_loss") == 1
+  _check_norms(nb, root, ["arcface/seed1"])
+  nb = _execute("theta_histograms.ipynb", root, RUN_NAMES=["triplet_l"])
+  assert _text(nb, "norms").startswith("No plotted run recorded its feature norms")
+  assert _pngs(nb, "norms") == 0
 
   with pytest.raises(CellExecutionError, match=r"no angles/theta_step\*\.npz under .* \(seed 1\) "
                                                r"for inter_l"):
@@ -241,13 +272,15 @@ def test_notebooks_read_a_grid_in_a_bucket(gcs, grid):
 
 @pytest.fixture(scope="module")
 def trained_grid(grid, tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
-  """The synthetic grid plus a tiny real run as row 'tiny_arcface', seed 0: (root, its path)."""
-  from arcjax import train  # pylint: disable=import-outside-toplevel
+  """The synthetic grid plus a tiny real run of sub-center ArcFace (3 sub-centres a class) as
+  row 'tiny_subcenter', seed 0: (root, its path)."""
+  from arcjax import losses, train  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp("trained") / "table5"
   shutil.copytree(grid[0], root)
-  path = root / "tiny_arcface" / "seed0"
+  path = root / "tiny_subcenter" / "seed0"
   config = default.get_config()
+  config.loss = losses.loss_config("subcenter_arcface")
   config.train.update(steps=6, batch_size=32, checkpoint_every=6, log_every=3)
   config.model.embedding_dim = 16
   config.eval.every = 0
@@ -265,15 +298,18 @@ def test_theta_histograms_notebook_loads_a_trained_run(trained_grid):
   run = inference.load_run(path)
   images, labels = data.get_datasets(run.config.data).unseen
   nb = _execute("theta_histograms.ipynb", root)
-  assert "tiny_arcface/seed0" in _summary(nb)
+  assert "tiny_subcenter/seed0" in _summary(nb)
+  assert "tiny_subcenter/seed0" in _text(nb, "norms")  # a real run records its norms
   lines = _text(nb, "model").splitlines()
   # The synthetic runs before it have no checkpoint: the trained run is the one loaded.
   assert lines[0] == (f"model: {path} (checkpoint at step 6, {len(run.centres)} centres)")
   assert lines[1] == (f"unseen images embedded: {len(images)} of {len(np.unique(labels))} "
                       "identities")
+  # The nearest of all the run's sub-centres (C, K, d).
+  assert run.centres.ndim == 3 and run.centres.shape[1] == 3
+  unit = run.centres / np.linalg.norm(run.centres, axis=2, keepdims=True)
   nearest = np.degrees(np.arccos(np.clip(
-      (run.embed(images) @ (run.centres / np.linalg.norm(run.centres, axis=1, keepdims=True)).T
-       ).max(axis=1), -1, 1)))
+      np.einsum("nd,ckd->nck", run.embed(images), unit).max(axis=(1, 2)), -1, 1)))
   printed = float(re.fullmatch(r"mean angle to the nearest trained centre: (.*)°", lines[2])[1])
   assert abs(printed - nearest.mean()) <= 0.051
   assert _pngs(nb, "model_plot") == 1

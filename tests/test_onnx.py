@@ -410,14 +410,16 @@ def test_fine_tuning_starts_from_a_run_or_an_imported_model(trained_run, tmp_pat
   (tmp_path / "same" / "config.json").rename(tmp_path / "same" / "moved.json")
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert inference.load_run(tmp_path / "resumed").step == 3
-  # A backbone that cannot be this config's is refused before anything is written.
+  # A backbone that cannot be this config's is refused before anything is written but the
+  # lock (released empty, as every refusal leaves it).
   config = _tiny_config(default.get_config())
   config.model.embedding_dim = 8
   config.train.init_from = str(trained_run)
   with pytest.raises(errors.ConfigError, match=r"does not fit this config \(model.embedding_dim: "
                                                r"16 there, 8 here\)"):
     train.train_and_evaluate(config, str(tmp_path / "misfit"))
-  assert not (tmp_path / "misfit").exists()
+  assert [p.name for p in (tmp_path / "misfit").iterdir()] == ["lock"]
+  assert (tmp_path / "misfit" / "lock").read_text() == ""
 
 
 @pytest.mark.slow

@@ -34,6 +34,13 @@ README = {
     "--parallel=2": (" --override config.train.steps=3 config.eval.every=0 "
                      "config.angles.probe_size=64", 0, "15 finished, 0 failed"),
     "python -m experiments.collect runs/cpu": ("", 0, "| arcface | 3 |"),
+    # One seed of each of the family grid's 10 rows, 3 steps (tests/test_configs.py also
+    # trains every family row on a fresh copy).
+    "python -m experiments.launch --grid=configs/ablations.py:family --workdir=runs/family "
+    "--seeds=3 --parallel=2": (" --seeds=1 --override config.train.steps=3 config.eval.every=0 "
+                               "config.angles.probe_size=64", 0, "10 finished, 0 failed"),
+    "python -m experiments.collect runs/family --reference=arcface,warmup=300":
+        ("", 0, "| magface | 1 |"),
     "python -m arcjax.data.convert arcjax/data/omniglot/images_background_small1.zip "
     "data/omniglot_faces --size 112 --fit resize --holdout-identities 8 --max-pairs 200":
         ("", 0, "wrote 200 verification pairs"),

@@ -30,9 +30,9 @@ SMALL = ("--config.train.batch_size=32", "--config.train.warmup_steps=0",
          "--config.angles.probe_size=64", "--config.wandb.mode=disabled")
 
 
-def _start(workdir_path: pathlib.Path, steps: int, *extra: str,
-           devices: int = 2) -> subprocess.Popen:
-  command = [sys.executable, "-m", "arcjax.main", "--config=configs/default.py",
+def _start(workdir_path: pathlib.Path, steps: int, *extra: str, devices: int = 2,
+           config: str = "configs/default.py") -> subprocess.Popen:
+  command = [sys.executable, "-m", "arcjax.main", f"--config={config}",
              f"--workdir={workdir_path}", f"--config.train.steps={steps}", *SMALL, *extra]
   return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True,
@@ -108,6 +108,31 @@ def test_sigkill_and_sigint_then_resume_are_bit_identical(tmp_path):
   pairs = [(row["step"], key) for row in rows for key in row if key != "step"]
   assert len(pairs) == len(set(pairs)), "a (step, metric) pair appears twice"
   assert [row["step"] for row in rows] == sorted(row["step"] for row in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row, state", [("curricularface", ("t",)),
+                                        ("adaface", ("norm_mean", "norm_std"))])
+def test_a_loss_state_resumes_bit_exact_after_sigkill(tmp_path, row, state):
+  """The family's running state (CurricularFace's t, AdaFace's norm statistics) lives in the
+  checkpoint: a run killed after checkpoint 10 and started again ends as one never stopped,
+  on 2 devices (the state a statistic of the global batch)."""
+  steps, config = 20, f"configs/ablations.py:{row}"
+  _finish(_start(tmp_path / "reference", steps, config=config))
+  run = tmp_path / "run"
+  process = _start(run, steps, config=config)
+  _wait_for(lambda: (run / "checkpoints" / "10").is_dir(), process, "checkpoint 10")
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  _, saved = _checkpoint(run, 10)
+  _finish(_start(run, steps, config=config))
+  _, want = _checkpoint(tmp_path / "reference", steps)
+  _, got = _checkpoint(run, steps)
+  assert sorted(got["loss_state"]) == sorted(state)
+  for name in state:  # the state moved after step 10: a resume must have restored it
+    assert np.asarray(got["loss_state"][name]) != np.asarray(saved["loss_state"][name])
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
 
 
 @pytest.mark.slow
@@ -224,8 +249,8 @@ def test_a_refused_resume_writes_nothing_and_a_shape_change_moves_nothing(tmp_pa
 def _nan_from_step(step: int):
   """A learning rate that is NaN from update `step` (from 1) on: that update's state is NaN."""
   real = optim.make_schedule
-  return lambda train_config: (
-      lambda t: jax.numpy.where(t >= step - 1, jax.numpy.nan, real(train_config)(t)))
+  return lambda train_config, hparams=None: (
+      lambda t: jax.numpy.where(t >= step - 1, jax.numpy.nan, real(train_config, hparams)(t)))
 
 
 def _in_process_config(steps: int, **train_changes):

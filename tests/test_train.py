@@ -91,15 +91,18 @@ def test_device_layouts_give_the_one_device_parameters(mode, head, changes):
 
 
 def _step_fn(config, dtype="float32"):
+  """step(state, batch) of `config` with its values closed over, as a solo run's."""
   config.model.dtype = dtype
   term = head_lib.margin_term(config.loss, config.head, NUM_CLASSES)
-  return functools.partial(
+  step = functools.partial(
       train.train_step, model=models.make_model(config.model),
-      tx=optim.make_optimizer(config.train), schedule=optim.make_schedule(config.train),
-      loss_fn=losses.make_loss_fn(config.loss, term, NUM_CLASSES),
-      margin_warmup_steps=config.loss.margin_warmup_steps,
+      make_optimizer=functools.partial(optim.make_optimizer, config.train),
+      make_schedule=functools.partial(optim.make_schedule, config.train),
+      make_loss_fn=functools.partial(losses.make_loss_fn, config.loss, term, NUM_CLASSES),
       normalization=models.normalization(config.model),
       collectives=sharding.parallelism_for(config.train, config.head).collectives)
+  hparams = train.step_hparams(config)
+  return lambda state, batch: step(state, batch, hparams)
 
 
 def _state(config):
