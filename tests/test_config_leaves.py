@@ -346,25 +346,27 @@ def batches(config) -> Any:
 
 def evaluation_(config) -> dict[str, Any]:
   """What the evaluators do (`evaluators.Evaluators`): at each step they are due, what they
-  embed and how (`verification.embed_images`' calls); and what they find at the end. The model
-  is a stand-in (a fixed projection of the pixels, random centres): what is
-  observed is the evaluators' work, not a network's."""
+  embed and how (`verification.model_outputs`' calls, which `embed_images` makes too); and
+  what they find at the end. The model is a stand-in (a fixed projection of the pixels, random
+  centres): what is observed is the evaluators' work, not a network's."""
   datasets = _data_of(config)
   dim = config.model.embedding_dim
-  calls, real = [], verification.embed_images
+  calls, real = [], verification.model_outputs
 
-  def stand_in(embed, images, *, batch_size, flip):
+  def stand_in(embed, images, *, batch_size, flip=False):
     del embed
     calls.append((len(images), batch_size, flip))
-    pixels = np.asarray(images, np.float32).reshape(len(images), -1)
-    projection = np.random.default_rng(pixels.shape[1]).normal(size=(pixels.shape[1], dim))
-    return (pixels @ projection).astype(np.float32)
+    views = [images, images[:, :, ::-1]] if flip else [images]
+    pixels = [np.asarray(view, np.float32).reshape(len(images), -1) for view in views]
+    projection = np.random.default_rng(pixels[0].shape[1]).normal(size=(pixels[0].shape[1], dim))
+    outputs = [(view @ projection).astype(np.float32) for view in pixels]
+    return np.stack(outputs, axis=1) if flip else outputs[0]
 
   centres = np.random.default_rng(0).normal(size=(datasets.num_classes, dim)).astype(np.float32)
   with _tmp_dir() as directory:
     writer = arcjax_logging.MetricWriter(directory, config, enabled=False)
     progress = arcjax_logging.Progress(config.train.steps, enabled=False)
-    verification.embed_images = stand_in
+    verification.model_outputs = stand_in
     try:
       evals = evaluators.Evaluators(config, datasets, writer, progress, directory, primary=False)
       done = {}
@@ -374,7 +376,7 @@ def evaluation_(config) -> dict[str, Any]:
           evals.run(evaluators.ModelView(at, {}, centres), final=final)
           done[at], calls[:] = list(calls), []
     finally:
-      verification.embed_images = real
+      verification.model_outputs = real
     return {"done": done, "found": evals.summary()}
 
 
