@@ -446,6 +446,7 @@ def start_from(source: inference.Run, state: TrainState, config: ml_collections.
                              "not fit this config's model (another architecture or code version)")
   variables, calibration = source.variables, None
   if folded:
+    # float32 and no dropout (whatever the run's): the statistics of the model's function.
     model = models.get_model(config.model.name, embedding_dim=config.model.embedding_dim)
     variables, calibrated = onnx_import.calibrate_folded_batchnorms(
         model, variables, models.normalize_images(images, models.normalization(config.model)),
