@@ -187,12 +187,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], hparams: dict[str
 
 
 def _step_fn(config: ml_collections.ConfigDict, par: sharding.Parallelism, num_classes: int,
-             terms: tuple[str, ...] | None = None):
+             terms: tuple[str, ...] | None = None, per_run_convs: bool = False):
   """`train_step` of `config`'s static parts (the model, the optimiser's and the loss's form,
   the head) for `num_classes` identities, the loss computing `terms` (default: its own)."""
   margin_term = head_lib.margin_term(config.loss, config.head, num_classes, par.mesh)
+  model = models.make_model(config.model, bn_axis_name=par.bn_axis_name,
+                            per_run_convs=per_run_convs)
   return functools.partial(
-      train_step, model=models.make_model(config.model, bn_axis_name=par.bn_axis_name),
+      train_step, model=model,
       make_optimizer=functools.partial(optim.make_optimizer, config.train),
       make_schedule=functools.partial(optim.make_schedule, config.train),
       make_loss_fn=functools.partial(losses.make_loss_fn, config.loss, margin_term, num_classes,
@@ -293,7 +295,7 @@ def unstack_runs(tree: Any) -> list[Any]:
 
 
 def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Parallelism,
-                   num_classes: int, states: Any):
+                   num_classes: int, states: Any, *, per_run_convs: bool | None = None):
   """One compiled step for the N runs of `configs` (`check_pack`), vmapped over a run axis.
 
   Args:
@@ -320,7 +322,9 @@ def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Paral
              for name in values[0] if name not in shared}
   terms = tuple(term for term in losses.TERMS
                 if any(term in losses.active_terms(config.loss) for config in configs))
-  step = _step_fn(configs[0], par, num_classes, terms)
+  if per_run_convs is None:
+    per_run_convs = jax.default_backend() == "cpu"
+  step = _step_fn(configs[0], par, num_classes, terms, per_run_convs)
 
   def pack_step(states, batches, varying, active):
     run = lambda state, batch, values: step(state, batch, {**shared, **values})
