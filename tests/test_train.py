@@ -344,7 +344,8 @@ def test_a_pack_steps_each_run_as_its_solo_step():
           assert np.abs(got - want).max() <= 1e-4 * scale, (i, step, name)
         else:
           worst = max(worst, _relative(got, want))
-          assert _relative(got, want) <= 1e-4, (i, step, name, _relative(got, want))
+          # Measured: 7.8e-6 at most (a conv kernel's, summed over 32·32·32 positions).
+          assert _relative(got, want) <= 3e-5, (i, step, name, _relative(got, want))
       own = train.run_metrics(config, rows[i])
       solo_row = par.scalars(solo_metrics)
       assert set(own) == set(solo_row), (i, set(own) ^ set(solo_row))
