@@ -850,7 +850,7 @@ def make_loss_fn(config: ml_collections.ConfigDict | Any, margin_term: head_lib.
       scalars in a pack (`train.make_pack_step`). None: the config's.
     terms: the terms computed (a pack's: those active in any of its runs), each times
       its weight; None: the config's active terms. A term of weight 0 adds exactly 0
-      (its value is finite), and θ_y is then the one the run computes alone. A family
+      to the loss and its gradient (its value is finite), and θ_y is then the one the run computes alone. A family
       kind computes its own terms (the runs of a pack share their kind).
     collectives: the step's (`sharding.Parallelism.collectives`): a family member's
       statistics of the batch (CurricularFace's mean target cosine, AdaFace's norm
@@ -873,10 +873,6 @@ def make_loss_fn(config: ml_collections.ConfigDict | Any, margin_term: head_lib.
     raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {TERMS}")
   weights = {name: hparams[f"{name}_weight"] for name in TERMS if name in terms}
 
-  def own_theta_y(embeddings, centres, labels):
-    x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
-    return jax.lax.stop_gradient(margins.angle(jnp.sum(x * w, axis=1)))
-
   def terms_of(embeddings, head, labels, key=None, strength=1.0, loss_state=None):
     del loss_state  # none of these terms keeps a state
     centres, values = head["centres"], {}
@@ -885,11 +881,9 @@ def make_loss_fn(config: ml_collections.ConfigDict | Any, margin_term: head_lib.
                                    gradient=config.gradient, strength=strength)
       values["softmax"], aux = margin_term(embeddings, head, labels, key, margin, hparams["s"])
       theta_y = aux["theta_y"]
-      if isinstance(weights["softmax"], jax.core.Tracer):  # a pack: a run without it has its own
-        theta_y = jnp.where(weights["softmax"] != 0, theta_y,
-                            own_theta_y(embeddings, centres, labels))
     else:
-      theta_y = own_theta_y(embeddings, centres, labels)
+      x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
+      theta_y = jax.lax.stop_gradient(margins.angle(jnp.sum(x * w, axis=1)))
     if "intra" in weights:
       x, w = l2_normalize(embeddings), l2_normalize(centres[labels])
       values["intra"] = intra_loss(margins.angle(jnp.sum(x * w, axis=1)))

@@ -210,12 +210,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], hparams: dict[str
 
 
 def _step_fn(config: ml_collections.ConfigDict, par: sharding.Parallelism, num_classes: int,
-             terms: tuple[str, ...] | None = None):
+             terms: tuple[str, ...] | None = None, per_run_convs: bool = False):
   """`train_step` of `config`'s static parts (the model, the optimiser's and the loss's form,
   the head) for `num_classes` identities, the loss computing `terms` (default: its own)."""
   margin_term = head_lib.margin_term(config.loss, config.head, num_classes, par.mesh)
+  model = models.make_model(config.model, bn_axis_name=par.bn_axis_name,
+                            per_run_convs=per_run_convs)
   return functools.partial(
-      train_step, model=models.make_model(config.model, bn_axis_name=par.bn_axis_name),
+      train_step, model=model,
       make_optimizer=functools.partial(optim.make_optimizer, config.train),
       make_schedule=functools.partial(optim.make_schedule, config.train),
       make_loss_fn=functools.partial(losses.make_loss_fn, config.loss, margin_term, num_classes,
@@ -315,24 +317,35 @@ def unstack_runs(tree: Any) -> list[Any]:
 
 
 def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Parallelism,
-                   num_classes: int, states: Any):
+                   num_classes: int, states: Any, *, per_run_convs: bool | None = None):
   """One compiled step for the N runs of `configs` (`check_pack`), vmapped over a run axis.
+
+  The values the runs share are static, as in a solo step; those they differ in are
+  traced. The loss computes the union of the runs' terms, each times its run's weight
+  (0 where the run has no such term).
 
   Args:
     configs: the runs' configs, equal in `pack_key`.
     par: a 'mesh' or 'none' parallelism; each run's batch is split over its devices.
     num_classes: C, the same for every run (the data is shared).
     states: the runs' TrainStates stacked (`stack_runs`), to lay out the compiled step.
+    per_run_convs: convolve one run at a time (`models.per_run_conv`) rather than with
+      vmap's convolution grouped over the runs; None: on CPU only. On XLA:CPU (jaxlib
+      0.10.2, 2 cores, the CPU setting) the grouped convolution made the pack step 2.6-3.9
+      times the N solo steps (N = 3-15), per-run convolutions 1.03-1.2 times
+      (`benchmarks/pack_step.py`); accelerators run grouped convolutions natively.
 
   Returns:
     step(states, batches, active) -> (states, metrics): batches {'image': (N, B, H, W, C)
     uint8, 'label': (N, B) int32} (each run's own, stacked; `par.put_batch(..., runs=True)`),
-    active (N,) bool. Each run's new state is that of its solo step (to float rounding;
-    the tests say how close); a run that is not active keeps its state bit for bit (its
-    lane still computes, on whatever batch it is given). metrics: each of `train_step`'s
-    with a leading (N,) axis, for the union of the runs' loss terms: `run_metrics` keeps a
-    run's own. The values the runs share are static, as in a solo step; those they differ
-    in are traced.
+    active (N,) bool. A run that is not active keeps its state bit for bit (its lane still
+    computes, on whatever batch it is given). metrics: each of `train_step`'s with a
+    leading (N,) axis: `run_metrics` keeps a run's own.
+
+  Each run's update equals its solo step's to float rounding (each leaf within 3e-5 of it,
+  relative, tested), not bit for bit: vmapped kernels sum in other orders. Over several steps the training's own
+  sensitivity amplifies that rounding (about tenfold a step in the first steps of the CPU
+  setting), as it does between any two XLA programs of the same step.
   """
   check_pack(configs, par)
   values = [step_hparams(config) for config in configs]
@@ -342,7 +355,9 @@ def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Paral
              for name in values[0] if name not in shared}
   terms = tuple(term for term in losses.TERMS
                 if any(term in losses.active_terms(config.loss) for config in configs))
-  step = _step_fn(configs[0], par, num_classes, terms)
+  if per_run_convs is None:
+    per_run_convs = jax.default_backend() == "cpu"
+  step = _step_fn(configs[0], par, num_classes, terms, per_run_convs)
 
   def pack_step(states, batches, varying, active):
     run = lambda state, batch, values: step(state, batch, {**shared, **values})

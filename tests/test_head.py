@@ -104,6 +104,28 @@ def test_matches_float64_past_pi():
   np.testing.assert_allclose(np.asarray(theta_y), theta, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [0, 7])
+def test_traced_scale_and_margins_give_each_runs_loss(chunk_size):
+  """A pack vmaps the head over per-run s, m1, m2, m3 (the chunked core takes s as an operand):
+  each lane equals the reference of its own values, loss and gradients."""
+  x, w, y = _data(seed=4)
+  names = ("norm_softmax", "arcface", "cm1")
+  values = {key: jnp.asarray([_margin(name)[key] for name in names], jnp.float32)
+            for key in ("s", "m1", "m2", "m3")}
+  values["s"] = jnp.asarray([64.0, 16.0, 32.0], jnp.float32)
+
+  def lane(v):
+    margin = margins.make_margin(v["m1"], v["m2"], v["m3"])
+    fn = lambda a, b: head.margin_softmax(a, b, y, margin=margin, s=v["s"], chunk_size=chunk_size)
+    (loss, aux), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(x, w)
+    return loss, grads, aux["theta_y"]
+
+  got = jax.jit(jax.vmap(lane))(values)
+  for i, name in enumerate(names):
+    _assert_matches(jax.tree.map(lambda leaf, i=i: leaf[i], got),
+                    _reference(x, w, y, **{**_margin(name), "s": float(values["s"][i])}))
+
+
 def test_warmup_strength_mixes_plain_and_margin_logits():
   """ψ_α = (1 − α)·cos θ + α·ψ(θ): α = 0 is the plain normalised softmax, α = 1 ArcFace."""
   x, w, y = _data(seed=3)

@@ -227,6 +227,65 @@ def test_composite_loss_is_the_weighted_sum_of_its_terms(preset, weights):
       if config[f"{t}_weight"]}
 
 
+def test_a_pack_of_loss_configs_computes_each_runs_loss():
+  """vmap over per-run s, margins and weights with the union of the runs' terms computed: each
+  lane is its run's loss (float64 reference), a term of weight 0 adds nothing, θ_y is the angle
+  to the target centre, and the gradients are those of each run's own loss."""
+  configs = [losses.loss_config("norm_softmax"), losses.loss_config("arcface", s=32.0),
+             losses.loss_config("cm2", intra_weight=2.0, inter_weight=0.5),
+             losses.loss_config("norm_softmax", softmax_weight=0.0, triplet_weight=1.0)]
+  rng = np.random.default_rng(3)
+  x, w = rng.normal(size=(B, D)), rng.normal(size=(C, D))
+  y = np.repeat(np.arange(4), 3)
+  names = ("s", "m1", "m2", "m3", "softmax_weight", "intra_weight", "inter_weight",
+           "triplet_weight")
+  hparams = {name: jnp.asarray([config[name] for config in configs], jnp.float32)
+             for name in names}
+  term = head_lib.margin_term(configs[0], ml_collections.ConfigDict(
+      dict(sharded=False, sample_rate=1.0, chunk_size=0)), C)
+
+  def lane(values):
+    loss_fn = losses.make_loss_fn(configs[0], term, C, values, terms=losses.TERMS)
+    (loss, aux), grad = jax.value_and_grad(
+        lambda e: loss_fn(e, {"centres": jnp.asarray(w)}, jnp.asarray(y)), has_aux=True)(
+            jnp.asarray(x, jnp.float32))
+    return loss, aux, grad
+
+  loss, aux, grads = jax.jit(jax.vmap(lane))(hparams)
+  theta = np.arccos(np.sum(_normalize(x) * _normalize(w)[y], axis=1))
+  for i, config in enumerate(configs):
+    expected = config.intra_weight * theta.mean() / math.pi
+    if config.softmax_weight:
+      expected += config.softmax_weight * _np_margin_loss(x, w, y, config.s, config.m1,
+                                                          config.m2, config.m3)
+    if config.inter_weight:
+      expected += config.inter_weight * float(losses.inter_loss(jnp.asarray(w), jnp.asarray(y)))
+    if config.triplet_weight:
+      expected += config.triplet_weight * _np_batch_hard_triplet(x, y, 0.35)
+    np.testing.assert_allclose(float(loss[i]), expected, rtol=2e-5, err_msg=str(i))
+    np.testing.assert_allclose(np.asarray(aux["theta_y"][i]), theta, atol=1e-5, err_msg=str(i))
+    assert {f"loss/{t}" for t in losses.TERMS} <= set(aux)
+    own = losses.make_loss_fn(config, head_lib.margin_term(config, ml_collections.ConfigDict(
+        dict(sharded=False, sample_rate=1.0, chunk_size=0)), C), C)
+    want = jax.grad(lambda e: own(e, {"centres": jnp.asarray(w)}, jnp.asarray(y))[0])(
+        jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(grads[i]), np.asarray(want), rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(want).max()), err_msg=str(i))
+
+
+def test_active_terms_and_the_empty_loss_state():
+  config = losses.loss_config("arcface", intra_weight=1.0, triplet_weight=0.5)
+  assert losses.active_terms(config) == ("softmax", "intra", "triplet")
+  assert losses.init_loss_state(config) == {}
+  loss_fn = _loss_fn(config)
+  x, w, _ = _data()
+  _, aux = loss_fn(jnp.asarray(x), {"centres": jnp.asarray(w)}, jnp.repeat(jnp.arange(4), 3),
+                   loss_state={})
+  assert "loss_state" not in aux  # Table 2's losses keep none: the step keeps the old one
+  with pytest.raises(ValueError, match="unknown loss terms"):
+    losses.make_loss_fn(config, None, C, terms=("softmax", "arc"))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(s=-1.0), "s=-1.0"),
     (dict(m2=4.0), "m2=4.0"),

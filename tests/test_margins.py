@@ -240,3 +240,44 @@ def test_warmup_reaches_the_full_margin_at_the_stated_step():
     logit, slope = margins.make_margin(m2=0.5, strength=jnp.float32(alpha))(cos)
     np.testing.assert_allclose(logit, (1 - alpha) * cos + alpha * full[0], rtol=1e-6)
     np.testing.assert_allclose(slope, (1 - alpha) + alpha * full[1], rtol=1e-6)
+
+
+def test_traced_margins_compute_what_python_margins_do():
+  """A pack vmaps the margin over per-run (m1, m2, m3): each lane as its own Python margin, and
+  the identity lane exactly cos θ (its own run never evaluates arccos)."""
+  cos = jnp.asarray(np.linspace(-0.999, 0.999, 33), jnp.float32)
+  rows = [(1.0, 0.0, 0.0), (1.0, 0.5, 0.0), (1.35, 0.0, 0.0), (1.0, 0.0, 0.35), (0.9, 0.4, 0.15)]
+  m1, m2, m3 = (jnp.asarray(column, jnp.float32) for column in zip(*rows))
+  for gradient in margins.GRADIENTS:
+    lanes = jax.vmap(lambda a, b, c, g=gradient: margins.logit_and_slope(cos, a, b, c, gradient=g))
+    logits, slopes = jax.jit(lanes)(m1, m2, m3)
+    np.testing.assert_array_equal(np.asarray(logits[0]), np.asarray(cos))
+    np.testing.assert_array_equal(np.asarray(slopes[0]), 1.0)
+    for lane, (a, b, c) in enumerate(rows[1:], start=1):
+      theta = np.arccos(np.clip(np.asarray(cos, np.float64), -1 + margins.COS_EPS,
+                                1 - margins.COS_EPS))
+      phi = a * theta + b
+      k = np.floor(phi / np.pi)
+      np.testing.assert_allclose(np.asarray(logits[lane]), (-1.0) ** k * np.cos(phi) - 2 * k - c,
+                                 atol=2e-6, err_msg=f"{gradient} {rows[lane]}")
+      _, want_slope = margins.logit_and_slope(cos, a, b, c, gradient=gradient)
+      np.testing.assert_allclose(np.asarray(slopes[lane]), np.asarray(want_slope), rtol=1e-5,
+                                 err_msg=f"{gradient} {rows[lane]}")
+
+
+def test_a_traced_warmup_length_gives_the_python_strengths():
+  steps = jnp.asarray([1, 50, 99, 100, 101, 5000], jnp.float32)
+  lengths = [0, 1, 100, 300]
+  got = jax.jit(jax.vmap(lambda w: margins.warmup_strength(steps, w)))(
+      jnp.asarray(lengths, jnp.float32))
+  for lane, length in enumerate(lengths):
+    want = np.ones(6) if length == 0 else np.minimum(1.0, np.asarray(steps) / length)
+    np.testing.assert_allclose(np.asarray(got[lane]), want, rtol=1e-6, err_msg=f"W={length}")
+
+
+def test_validation_checks_concrete_values_and_lets_traced_ones_through():
+  with pytest.raises(ValueError, match="m2=4.0"):
+    margins.make_margin(m2=4.0)
+  margin = jax.jit(lambda m2: margins.make_margin(m2=m2)(jnp.asarray([0.5]))[0])
+  np.testing.assert_allclose(float(margin(jnp.float32(0.5))[0]), math.cos(math.acos(0.5) + 0.5),
+                             atol=1e-6)

@@ -96,6 +96,7 @@ BENCHMARKS = {
     "python -m benchmarks.recordio_throughput": " --smoke",
     "python -m benchmarks.input_pipeline": " --smoke",
     "bash benchmarks/device_check.sh": " --smoke",
+    "python -m benchmarks.pack_step": " --smoke",
 }
 
 

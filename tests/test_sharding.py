@@ -103,6 +103,30 @@ def test_compiled_step_means_over_the_global_batch():
     assert float(par.host(par.to_global(new_state))) == pytest.approx(8.5), mode
 
 
+def test_a_packs_runs_each_split_their_batch_over_the_devices():
+  """runs=True: a leading run axis on states and batches; each run's batch split over the mesh
+  axis as a solo run's, its mean over its own global batch; metrics one row per run."""
+  par = sharding.parallelism_for(*_configs())
+  batch = {"x": np.arange(3 * 16, dtype=np.float32).reshape(3, 16)}
+  placed = par.put_batch(batch, runs=True)
+  assert placed["x"].sharding == NamedSharding(par.mesh, P(None, sharding.AXIS))
+  for shard in placed["x"].addressable_shards:
+    assert shard.data.shape == (3, 2)
+  states = par.init(lambda key: jnp.zeros((3,), jnp.float32), jax.random.key(0))
+
+  def step(states, batches, hparams, active):
+    means = batches["x"].mean(axis=1)
+    return jnp.where(active, states + hparams["scale"] * means, states), {"mean": means}
+
+  compiled = par.compile(step, states, runs=True)
+  new_states, metrics = compiled(states, placed, {"scale": jnp.float32(2.0)},
+                                 jnp.asarray([True, False, True]))
+  np.testing.assert_allclose(par.host(new_states), [2 * 7.5, 0.0, 2 * 39.5])
+  assert [row["mean"] for row in par.run_scalars(metrics)] == [7.5, 23.5, 39.5]
+  with pytest.raises(errors.ConfigError, match="'mesh' or 'none'"):
+    sharding.parallelism_for(*_configs("pmap")).compile(step, states, runs=True)
+
+
 def test_a_replicated_head_that_fills_a_device_gets_a_note():
   """2 M identities × 512 with SGD momentum: 7.6 GiB of class rows, past a quarter of 16 GiB."""
   state = {"head": {"centres": jax.ShapeDtypeStruct((2_000_000, 512), jnp.float32)},
