@@ -77,6 +77,19 @@ def read_metrics(directory: str | os.PathLike) -> list[dict[str, Any]]:
   return rows
 
 
+def _own_wandb_service() -> None:
+  """Makes this process start its own wandb service, not use one inherited from its parent.
+
+  wandb keeps the service's address in WANDB_SERVICE ("3-<pid of its owner>-…"), which child
+  processes inherit. A run's stream in its parent's service outlives the run when it is
+  killed, and its resume, which reopens the same run id, is then refused ("run ID … is in
+  use"). The run's own service dies with it.
+  """
+  owner = os.environ.get("WANDB_SERVICE", "").split("-")
+  if len(owner) > 1 and owner[1] != str(os.getpid()):
+    del os.environ["WANDB_SERVICE"]
+
+
 def _wandb_run_id(directory: epath.Path) -> str:
   """The id in `directory`/wandb_run_id; a new one, written there, on the first start."""
   path = directory / workdir.WANDB_RUN_ID
@@ -128,6 +141,7 @@ class MetricWriter:
       import wandb  # pylint: disable=import-outside-toplevel  (slow import, unneeded when disabled)
       # wandb writes local files; a bucket workdir keeps them in ./wandb.
       local = "wandb" if workdir.is_remote(directory) else os.fspath(directory)
+      _own_wandb_service()
       # One wandb run for the whole run, however often it was killed and resumed: its id is
       # kept in the workdir, and each start resumes it (offline, `wandb sync` joins the parts).
       self._run = wandb.init(project=config.wandb.project, dir=local, mode=mode,

@@ -742,7 +742,7 @@ def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
     if results["angle_stats"] is not None:
       workdir.write_json(directory / workdir.ANGLE_STATS, results["angle_stats"])
     workdir.write_json(directory / workdir.RESULTS, results)
-    note = did_not_train_note(writer.rows, config.loss.margin_warmup_steps)
+    note = did_not_train_note(writer.rows, config.loss.get("margin_warmup_steps", 0))
     if note:
       print(note, flush=True)
   return results

@@ -1,6 +1,10 @@
 """MetricWriter: metrics.jsonl, histogram and image files, offline wandb; the progress bar."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -100,6 +104,46 @@ def test_offline_wandb_run_files_appear(tmp_path, monkeypatch):
   parts = sorted((tmp_path / "wandb").glob("offline-run-*"))
   # offline-run-<time>-<id>, '-1' added when both start in the same second
   assert len(parts) == 2 and all(f"-{run_id}" in part.name for part in parts), parts
+
+
+_WRITER_SCRIPT = """
+import sys, time
+from arcjax import logging as arcjax_logging
+from configs import default
+config = default.get_config()
+config.wandb.mode = "offline"
+writer = arcjax_logging.MetricWriter(__import__("pathlib").Path(sys.argv[1]), config)
+writer.write_scalars(1, {"train/loss": 3.0})
+print("started", flush=True)
+if sys.argv[2] == "hang":
+  time.sleep(300)
+writer.close()
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_its_wandb_run_when_its_parent_runs_a_wandb_service(tmp_path,
+                                                                                   monkeypatch):
+  # A parent that used wandb (a notebook, a launcher, pytest) hands its service to its children
+  # in WANDB_SERVICE: a killed run's stream would stay open there and its resume be refused.
+  monkeypatch.delenv("WANDB_MODE", raising=False)
+  import wandb  # pylint: disable=import-outside-toplevel
+  wandb.init(project="parent", dir=os.fspath(tmp_path), mode="offline",
+             settings=wandb.Settings(console="off", silent=True)).finish()
+  assert os.environ.get("WANDB_SERVICE")
+  run = tmp_path / "run"
+  run.mkdir()
+  command = [sys.executable, "-c", _WRITER_SCRIPT, os.fspath(run)]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  hung = subprocess.Popen(command + ["hang"], stdout=subprocess.PIPE, text=True, cwd=repo)
+  assert hung.stdout.readline().strip() == "started"
+  hung.send_signal(signal.SIGKILL)
+  hung.wait()
+  resumed = subprocess.run(command + ["finish"], capture_output=True, text=True, timeout=300,
+                           cwd=repo)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  run_id = (run / "wandb_run_id").read_text().strip()
+  assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}*"))) == 2
 
 
 def test_progress_writes_eval_lines(capsys):
