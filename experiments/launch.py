@@ -1,7 +1,8 @@
 """Launches every run of a grid: locally, as SLURM jobs, or on every worker of a TPU VM pod.
 
   python -m experiments.launch --grid=configs/ablations.py:table5 --workdir=runs/table5 \
-      [--seeds=3] [--parallel=2] [--override config.train.steps=300 ...] [--dry-run]
+      [--seeds=3] [--parallel=2] [--vectorize] [--override config.train.steps=300 ...] \
+      [--dry-run]
   python -m experiments.launch --grid=configs/ablations.py:table5 --target=slurm \
       --workdir=/shared/runs/table5 --nodes=2 --gpus-per-node=8 [--partition=P] [--time=T] \
       [--account=A] [--slurm-setup='source .venv/bin/activate'] [--dry-run]
@@ -33,12 +34,23 @@ repository to every worker, then runs the rows one after another on all
 workers, their workdirs in the bucket. `--dry-run` prints every command (and
 SLURM script) and runs nothing.
 
+`--vectorize` (every target) trains the runs in packs (experiments/plan.py,
+`plan_packs`): the runs to do whose configs differ only in values a traced step
+takes (`arcjax.train.pack_key`) train together in one process, `python -m
+arcjax.pack`, which writes each run's own workdir as a solo run would. Locally
+each group of such runs is cut into `--parallel` packs, run `--parallel` at a
+time, each pack's output in `<workdir>/packs/<pack>.log` (each run's launch.log
+points there); on SLURM each group is one job, `<workdir>/packs/<pack>.sbatch`;
+on a TPU pod each group is one pack trained over every worker, the packs one
+after another. A run alone in its group runs as without --vectorize.
+
 The parts: experiments/plan.py (the grid, its runs and their statuses),
 local.py (processes, signals, logs), slurm.py, tpu_pod.py, summary.py.
 """
 
 import argparse
 import os
+import posixpath
 import sys
 from typing import Callable, Sequence, TextIO
 
@@ -78,7 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="print the commands (and SLURM scripts), run nothing")
   parser.add_argument("--traceback", action="store_true",
                       help="show the traceback of an error instead of one line")
-  parser.add_argument("--parallel", type=int, help="local: runs at a time (default 1)")
+  parser.add_argument("--parallel", type=int,
+                      help="local: jobs (runs, or packs with --vectorize) at a time (default 1)")
+  parser.add_argument("--vectorize", action="store_true",
+                      help="train the runs that can train together in one process each "
+                           "(packs; with --parallel=P locally, P packs per group)")
   slurm = parser.add_argument_group("--target=slurm")
   slurm.add_argument("--nodes", type=int, help="nodes per run (default 1), one task each")
   slurm.add_argument("--gpus-per-node", type=int, help="GPUs per node")
@@ -142,7 +158,9 @@ def _launch(args: argparse.Namespace, out: TextIO,
           "tpu-pod": (args.bucket or "").rstrip("/")}[args.target]
   runs = plan.plan_runs(rows, root, args.override, args.seeds)
   if args.target == "local":
-    return local.launch(grid_path, runs, parallel=args.parallel or 1, dry_run=args.dry_run,
+    return local.launch(grid_path, runs, parallel=args.parallel or 1,
+                        vectorize=args.vectorize,
+                        pack_dir=posixpath.join(root, plan.PACK_FOLDER), dry_run=args.dry_run,
                         out=out)
   if args.target == "slurm":
     options = slurm.SlurmOptions(
@@ -150,13 +168,16 @@ def _launch(args: argparse.Namespace, out: TextIO,
         time=args.time, account=args.account, setup=args.slurm_setup,
         python=args.remote_python or "python3")
     return slurm.launch(grid_path, runs, options, grid_name=plan.grid_name(args.grid),
-                        dry_run=args.dry_run, out=out, submit=submit)
+                        vectorize=args.vectorize,
+                        pack_dir=posixpath.join(root, plan.PACK_FOLDER), dry_run=args.dry_run,
+                        out=out, submit=submit)
   pod = tpu_pod.PodOptions(
       tpu=args.tpu, zone=args.zone,
       log_dir=args.log_dir or os.path.join("runs", f"{plan.grid_name(args.grid)}-logs"),
       remote_dir=args.remote_dir or "~/arcjax", python=args.remote_python or "python3",
       commit=args.commit or "HEAD", deploy=not args.skip_deploy)
-  return tpu_pod.launch(grid_path, runs, pod, root=root, dry_run=args.dry_run, out=out)
+  return tpu_pod.launch(grid_path, runs, pod, root=root, vectorize=args.vectorize,
+                        dry_run=args.dry_run, out=out)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, *,

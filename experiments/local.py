@@ -5,6 +5,12 @@ Locally, runs go `parallel` at a time. Each trainer writes its output to
 launcher shows on the terminal prefixed by `[run]`. A failed run does not stop
 the others; the exit status is 1 if any run failed or changed.
 
+With `--vectorize`, a job trains a pack of runs (`plan.plan_packs`): its output
+goes to `<root>/packs/<pack>.log`, shown prefixed by `[pack<k>]`, and each of
+its runs' launch.log gets a line pointing there. Each run's outcome is read
+from its workdir (finished: results of the requested steps), else from the
+pack's line about it (`[<workdir>] failed: <error>`), else it is the pack's.
+
 Ctrl-C (SIGINT) or SIGTERM stops the launcher cleanly: no new run starts, the
 signal is forwarded to every running trainer (which saves a checkpoint and
 exits), and the launcher waits for them, prints the summary and exits 130
@@ -259,6 +265,44 @@ def run_jobs(jobs: Sequence[Job], parallel: int = 1,
   return outcomes, (runner.signals[0] if runner.signals else None)
 
 
+# --- Packs -----------------------------------------------------------------------------------
+
+
+def _size(path: str) -> int:
+  return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def _read_from(path: str, offset: int) -> str:
+  """What `path` holds past byte `offset` ('' if it does not exist)."""
+  if not os.path.exists(path):
+    return ""
+  with open(path, "rb") as f:
+    f.seek(offset)
+    return f.read().decode("utf-8", errors="replace")
+
+
+def run_packs(packs: Sequence[plan.Pack], jobs: Sequence[Job], parallel: int = 1,
+              out: TextIO = sys.stdout,
+              finished: Callable[[plan.Run], bool] | None = None,
+              ) -> tuple[list[summary.Outcome], int | None]:
+  """Runs one job per pack (`run_jobs`), and tells what became of each of their runs.
+
+  Args:
+    packs, jobs: the packs and, for each, the job that trains it.
+    parallel, out: as `run_jobs`.
+    finished: whether a run finished (see `summary.pack_outcomes`).
+
+  Returns:
+    (one Outcome per run of the packs, pack by pack, the first signal received or None).
+  """
+  offsets = [_size(job.log_path) for job in jobs]  # each pack's output is what it appends
+  ran, signum = run_jobs(jobs, parallel, out)
+  outcomes = []
+  for pack, job, offset, outcome in zip(packs, jobs, offsets, ran):
+    outcomes += summary.pack_outcomes(pack, outcome, _read_from(job.log_path, offset), finished)
+  return outcomes, signum
+
+
 # --- The local target ------------------------------------------------------------------------
 
 
@@ -268,33 +312,75 @@ def _job(grid_path: str, run: plan.Run) -> Job:
   return Job(run.name, tuple(argv), os.path.join(run.workdir, workdir.LAUNCH_LOG))
 
 
+def _pack_job(grid_path: str, pack: plan.Pack, pack_dir: str) -> Job:
+  """A pack's trainer, its output appended to `<pack_dir>/<pack>.log`; a pack of one run
+  is that run's `_job`."""
+  if pack.solo:
+    return _job(grid_path, pack.runs[0])
+  return Job(pack.name, tuple(plan.pack_command(grid_path, pack)),
+             os.path.join(pack_dir, f"{pack.name}.log"))
+
+
+def _point_to_pack_log(pack: plan.Pack, job: Job) -> None:
+  """Appends to each run's launch.log where this attempt's output is: the pack's log."""
+  stamp = datetime.datetime.now().isoformat(timespec="seconds")
+  for run in pack.runs:
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, workdir.LAUNCH_LOG), "a", encoding="utf-8") as log:
+      log.write(f"=== {stamp} trained in {pack.describe()}: its output in {job.log_path}\n")
+
+
+def _finished(grid_path: str) -> Callable[[plan.Run], bool]:
+  return lambda run: plan.run_status(grid_path, run)[0] == "finished"
+
+
 def launch(grid_path: str, runs: Sequence[plan.Run], *, parallel: int = 1,
-           dry_run: bool = False, out: TextIO = sys.stdout) -> int:
+           vectorize: bool = False, pack_dir: str = plan.PACK_FOLDER, dry_run: bool = False,
+           out: TextIO = sys.stdout) -> int:
   """Runs the grid's runs that are to run here, `parallel` at a time; returns the exit status.
 
-  `dry_run`: print each run's status and the commands of those to run; run nothing.
+  Args:
+    grid_path, runs: the grid file and its runs.
+    parallel: jobs at a time.
+    vectorize: train the runs in packs (`plan.plan_packs`, cut into `parallel` packs
+      per group), a job per pack, its output in `<pack_dir>/<pack>.log` and a line in
+      each run's launch.log pointing there.
+    pack_dir: the folder of the packs' logs (`<root>/packs`).
+    dry_run: print each run's status and the commands of the jobs to run; run nothing.
   """
   statuses = plan.statuses(grid_path, runs)
+  if vectorize:
+    packs = plan.plan_packs(grid_path, runs, statuses, parallel)
+  else:
+    packs = plan.solo_packs(runs, statuses)
+  jobs = [_pack_job(grid_path, pack, pack_dir) for pack in packs]
+  last_runs = {pack.runs[-1].name: (pack, job) for pack, job in zip(packs, jobs)}
   outcomes: dict[str, summary.Outcome] = {}
-  jobs = []
+  to_run = []
   for run, (status, changes) in zip(runs, statuses):
-    if dry_run:
-      out.write(plan.status_line(run, status, changes) + "\n")
     not_run = summary.before_running(run, status, changes)
     if not_run:
       outcomes[run.name] = not_run
-      continue
-    job = _job(grid_path, run)
+    else:
+      to_run.append((run, status))
     if dry_run:
-      out.write(shlex.join(job.argv) + "\n")
-      continue
-    if status == "unfinished":
-      earlier = f" (earlier attempts in {job.log_path})" if os.path.exists(job.log_path) else ""
-      out.write(f"[{run.name}] resuming{earlier}\n")
-    jobs.append(job)
+      out.write(plan.status_line(run, status, changes) + "\n")
+      if run.name in last_runs:  # a job after the status of its last run
+        pack, job = last_runs[run.name]
+        if vectorize:
+          out.write(f"# {pack.describe()}: output in {job.log_path}\n")
+        out.write(shlex.join(job.argv) + "\n")
   if dry_run:
     return 0
-  ran, signum = run_jobs(jobs, parallel, out)
+  for run, status in to_run:
+    log_path = os.path.join(run.workdir, workdir.LAUNCH_LOG)
+    if status == "unfinished":
+      earlier = f" (earlier attempts in {log_path})" if os.path.exists(log_path) else ""
+      out.write(f"[{run.name}] resuming{earlier}\n")
+  for pack, job in zip(packs, jobs):
+    if not pack.solo:
+      _point_to_pack_log(pack, job)
+  ran, signum = run_packs(packs, jobs, parallel, out, _finished(grid_path))
   outcomes.update((o.name, o) for o in ran)
   ordered = [outcomes[run.name] for run in runs]
   summary.write(runs, ordered, grid_path, out)

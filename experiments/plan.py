@@ -13,6 +13,13 @@ with the run's workdir (`run_status`):
   changed           a checkpoint trained with another config: not run
 Each target (experiments/local.py, slurm.py, tpu_pod.py) then makes a job of
 each run to do; experiments/summary.py reports what became of them.
+
+With `--vectorize`, the runs to do are first grouped into packs (`plan_packs`):
+runs whose configs share `train.pack_key` (they differ only in values a traced
+step takes: the seed, the margin, the terms' weights, the warm-up, lr, weight
+decay, the sampler) train together in one process, `python -m arcjax.pack`
+(`pack_command`), which writes each run's own workdir as its solo trainer
+would; each target then makes a job of each pack.
 """
 
 import dataclasses
@@ -31,8 +38,11 @@ from arcjax import errors
 from arcjax import workdir
 
 TRAINER_MODULE = "arcjax.main"
+PACK_TRAINER_MODULE = "arcjax.pack"  # trains a pack's runs in one process
+PACK_FOLDER = "packs"  # <root>/packs: the packs' logs (local) and job scripts (SLURM)
 _OVERRIDE = re.compile(r"config(\.[A-Za-z_]\w*)+=")
 _SEED_FOLDER = re.compile(r"seed(\d+)")
+_TO_RUN = ("new", "unfinished")  # the statuses of runs a launch runs
 
 
 # --- The grid file ---------------------------------------------------------------------
@@ -156,12 +166,93 @@ def plan_runs(rows: Sequence[str], root: str, overrides: Sequence[str] = (),
   return runs
 
 
-# Packs (`--vectorize`, issue 21) are planned here, from `plan_runs`' list: a pack is a
-# list of Runs whose `trainer_config`s differ only in values a traced step can take (the
-# seed, the margins, the terms' weights, the warm-up, lr, weight decay), trained together
-# in one process that writes each run's own workdir. Each target then makes one job of a
-# pack where it now makes one of a run: `local._job`, `slurm.slurm_script`,
-# `tpu_pod.tpu_pod_command`.
+@dataclasses.dataclass(frozen=True)
+class Pack:
+  """Runs trained together in one process (`--vectorize`), each writing its own workdir.
+
+  `name` is 'pack<k>' for a pack of several runs; a pack of one run is that run
+  alone, trained by the solo trainer, and named as the run.
+  """
+  name: str
+  runs: tuple[Run, ...]
+
+  @property
+  def solo(self) -> bool:
+    return len(self.runs) == 1
+
+  def describe(self) -> str:
+    """'pack1 (arcface/seed0, arcface/seed1, arcface/seed2)': how the terminal names it."""
+    if self.solo:
+      return f"{self.name} (alone)"
+    return f"{self.name} ({', '.join(run.name for run in self.runs)})"
+
+
+def _splits(count: int, parts: int) -> list[int]:
+  """Sizes of `parts` near-equal contiguous parts of `count` items (the larger first)."""
+  parts = min(parts, count)
+  return [count // parts + (i < count % parts) for i in range(parts)]
+
+
+def _trains_alone(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` cannot train in a pack (`train.check_pack`): under pmap, or with a
+  sharded head. Read here from the config, as the launcher touches no device."""
+  return (config.get("train", {}).get("parallel") == "pmap"
+          or bool(config.get("head", {}).get("sharded")))
+
+
+def solo_packs(runs: Sequence[Run],
+               statuses: Sequence[tuple[str, Sequence[workdir.Change]]] | None = None
+               ) -> list[Pack]:
+  """A pack of one per run to run (new or unfinished; every run if `statuses` is None):
+  the jobs of a launch without --vectorize."""
+  return [Pack(run.name, (run,)) for index, run in enumerate(runs)
+          if statuses is None or statuses[index][0] in _TO_RUN]
+
+
+def plan_packs(grid_path: str, runs: Sequence[Run],
+               statuses: Sequence[tuple[str, Sequence[workdir.Change]]] | None = None,
+               parallel: int = 1) -> list[Pack]:
+  """The packs of a grid's runs to run: runs whose trainer configs share `train.pack_key`.
+
+  Args:
+    grid_path, runs: the grid file and its runs (`plan_runs`).
+    statuses: each run's `run_status`; finished and changed runs are left out, as a
+      launch without packs leaves them. None: every run is to run (a TPU pod's
+      launcher does not look into the bucket).
+    parallel: the packs of each group of runs sharing a key: the group is cut into
+      this many contiguous packs of near-equal size, so that `parallel` processes
+      keep `parallel` cores busy.
+
+  Returns:
+    The packs, in the order of their first runs; 'pack1', 'pack2', … for packs of
+    several runs. A run alone in its group, and a run that cannot train in a pack
+    (train.parallel='pmap' or head.sharded), is a pack of one: a solo run.
+  """
+  # Imported here: train pulls in jax and flax, which `collect` and a launch without
+  # packs do without.
+  from arcjax import train  # pylint: disable=import-outside-toplevel
+  if parallel < 1:
+    raise ValueError(f"parallel must be >= 1, got {parallel}")
+  groups: dict[str, list[Run]] = {}
+  for (run,) in (pack.runs for pack in solo_packs(runs, statuses)):
+    config = trainer_config(grid_path, run.row, run.overrides)
+    key = f"alone:{run.workdir}" if _trains_alone(config) else train.pack_key(config)
+    groups.setdefault(key, []).append(run)
+  chunks = []
+  for group in groups.values():
+    start = 0
+    for size in _splits(len(group), parallel):
+      chunks.append(tuple(group[start:start + size]))
+      start += size
+  chunks.sort(key=lambda chunk: runs.index(chunk[0]))
+  packs, count = [], 0
+  for chunk in chunks:
+    if len(chunk) == 1:
+      packs.append(Pack(chunk[0].name, chunk))
+    else:
+      count += 1
+      packs.append(Pack(f"pack{count}", chunk))
+  return packs
 
 
 # --- A run's trainer ---------------------------------------------------------------------
@@ -175,6 +266,13 @@ def override_flag(override: str) -> str:
   return "--" + override
 
 
+def _trainer_flags(grid_path: str, row: str, run_workdir: str, overrides: Sequence[str],
+                   distributed_auto: bool) -> list[str]:
+  return [f"--config={grid_path}:{row}", f"--workdir={run_workdir}",
+          *(override_flag(o) for o in overrides),
+          *(["--distributed_auto"] if distributed_auto else [])]
+
+
 def trainer_command(grid_path: str, row: str, run_workdir: str,
                     overrides: Sequence[str] = (), *, python: str = sys.executable,
                     distributed_auto: bool = False) -> list[str]:
@@ -183,9 +281,27 @@ def trainer_command(grid_path: str, row: str, run_workdir: str,
   `python -m arcjax.main --config=GRID:ROW --workdir=DIR [--config.FIELD=VALUE …]
   [--distributed_auto]`.
   """
-  return [python, "-m", TRAINER_MODULE, f"--config={grid_path}:{row}",
-          f"--workdir={run_workdir}", *(override_flag(o) for o in overrides),
-          *(["--distributed_auto"] if distributed_auto else [])]
+  return [python, "-m", TRAINER_MODULE,
+          *_trainer_flags(grid_path, row, run_workdir, overrides, distributed_auto)]
+
+
+def pack_command(grid_path: str, pack: Pack, *, python: str = sys.executable,
+                 distributed_auto: bool = False) -> list[str]:
+  """argv of a pack's trainer; a pack of one run is that run's `trainer_command`.
+
+  `python -m arcjax.pack -- <run 1's flags> -- <run 2's flags> …`, each run's
+  flags those of its solo trainer (`--config=GRID:ROW --workdir=DIR
+  [--config.FIELD=VALUE …] [--distributed_auto]`).
+  """
+  if pack.solo:
+    (run,) = pack.runs
+    return trainer_command(grid_path, run.row, run.workdir, run.overrides, python=python,
+                           distributed_auto=distributed_auto)
+  argv = [python, "-m", PACK_TRAINER_MODULE]
+  for run in pack.runs:
+    argv += ["--", *_trainer_flags(grid_path, run.row, run.workdir, run.overrides,
+                                   distributed_auto)]
+  return argv
 
 
 def trainer_config(grid_path: str, row: str,

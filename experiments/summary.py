@@ -3,14 +3,15 @@
 Each run ends as one of: finished, failed, skipped (finished before),
 changed (its checkpoint was trained with another config: not run),
 interrupted, queued (never started: the launcher was stopped first),
-submitted (SLURM).
+submitted (SLURM). The runs of a pack (`--vectorize`) each get their own
+Outcome (`pack_outcomes`).
 """
 
 import collections
 import dataclasses
 import shlex
 import signal
-from typing import Sequence, TextIO
+from typing import Callable, Sequence, TextIO
 
 from arcjax import errors
 from arcjax import workdir
@@ -37,6 +38,61 @@ def before_running(run: plan.Run, status: str,
   if status == "changed":
     return Outcome(run.name, "changed", plan.trained_changes(changes))
   return None
+
+
+def _pack_lines(pack: plan.Pack, output: str) -> dict[str, str]:
+  """{run workdir: 'finished' | 'failed: <error>'}: the pack trainer's last word on each run,
+  its lines `[<workdir>] finished` and `[<workdir>] failed: <error>` in `output`."""
+  said = {}
+  for line in output.splitlines():
+    line = line.rsplit("\r", 1)[-1].strip()  # a progress bar's redraws: the last one
+    for run in pack.runs:
+      word = line.removeprefix(f"[{run.workdir}] ")
+      if word != line and (word == "finished" or word.startswith("failed: ")):
+        said[run.workdir] = word
+  return said
+
+
+def pack_outcomes(pack: plan.Pack, job: Outcome, output: str,
+                  finished: Callable[[plan.Run], bool] | None = None) -> list[Outcome]:
+  """What became of each run of a pack, from its job's Outcome and the trainer's output.
+
+  A run is finished when `finished(run)` says so (locally: its workdir holds the
+  results of the requested steps), or, without `finished`, when the pack printed
+  `[<workdir>] finished`. Else it failed with the error of the pack's line
+  `[<workdir>] failed: <error>`; else it shares the pack's fate: interrupted,
+  queued, or failed with the pack's exit status. A pack of one run is a solo
+  run: its job's Outcome is the run's.
+
+  Args:
+    pack: the pack.
+    job: the Outcome of the pack's job (named as the pack).
+    output: what the pack's trainer printed (this attempt's part of its log).
+    finished: whether a run finished; None: as the pack's lines say.
+
+  Returns:
+    One Outcome per run of the pack, in its order, each pointing at the job's log.
+  """
+  if pack.solo:
+    return [dataclasses.replace(job, name=pack.runs[0].name)]
+  said = _pack_lines(pack, output)
+  outcomes = []
+  for run in pack.runs:
+    word = said.get(run.workdir, "")
+    done = finished(run) if finished is not None else word == "finished"
+    if done:
+      outcome = Outcome(run.name, "finished", f"in {pack.name}: {job.detail}", job.log_path)
+    elif word.startswith("failed: "):
+      outcome = Outcome(run.name, "failed", word.removeprefix("failed: "), job.log_path)
+    elif job.status in ("interrupted", "queued"):
+      outcome = Outcome(run.name, job.status, f"{pack.name}: {job.detail}", job.log_path)
+    elif job.status == "finished":
+      outcome = Outcome(run.name, "failed", f"{pack.name} ended without finishing it",
+                        job.log_path)
+    else:
+      outcome = Outcome(run.name, "failed", f"{pack.name}: {job.detail}", job.log_path)
+    outcomes.append(outcome)
+  return outcomes
 
 
 def _table(outcomes: Sequence[Outcome]) -> str:
