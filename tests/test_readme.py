@@ -34,6 +34,10 @@ README = {
     "--parallel=2": (" --override config.train.steps=3 config.eval.every=0 "
                      "config.angles.probe_size=64", 0, "15 finished, 0 failed"),
     "python -m experiments.collect runs/cpu": ("", 0, "| arcface | 3 |"),
+    "python -m experiments.launch --grid=configs/ablations.py:table5 --workdir=runs/cpu_packs "
+    "--seeds=3 --vectorize --parallel=2": (" --override config.train.steps=3 config.eval.every=0 "
+                                           "config.angles.probe_size=64", 0,
+                                           "15 finished, 0 failed"),
     # One seed of each of the family grid's 10 rows, 3 steps (tests/test_configs.py also
     # trains every family row on a fresh copy).
     "python -m experiments.launch --grid=configs/ablations.py:family --workdir=runs/family "
@@ -97,6 +101,7 @@ BENCHMARKS = {
     "python -m benchmarks.input_pipeline": " --smoke",
     "bash benchmarks/device_check.sh": " --smoke",
     "python -m benchmarks.pack_step": " --smoke",
+    "python -m benchmarks.grid": " --smoke",
 }
 
 
