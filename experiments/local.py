@@ -349,10 +349,8 @@ def launch(grid_path: str, runs: Sequence[plan.Run], *, parallel: int = 1,
     dry_run: print each run's status and the commands of the jobs to run; run nothing.
   """
   statuses = plan.statuses(grid_path, runs)
-  if vectorize:
-    packs = plan.plan_packs(grid_path, runs, statuses, parallel)
-  else:
-    packs = plan.solo_packs(runs, statuses)
+  packs = (plan.plan_packs(grid_path, runs, statuses, parallel) if vectorize
+           else plan.solo_packs(runs, statuses))
   jobs = [_pack_job(grid_path, pack, pack_dir) for pack in packs]
   last_runs = {pack.runs[-1].name: (pack, job) for pack, job in zip(packs, jobs)}
   outcomes: dict[str, summary.Outcome] = {}

@@ -234,7 +234,7 @@ def plan_packs(grid_path: str, runs: Sequence[Run],
   if parallel < 1:
     raise ValueError(f"parallel must be >= 1, got {parallel}")
   groups: dict[str, list[Run]] = {}
-  for (run,) in (pack.runs for pack in solo_packs(runs, statuses)):
+  for run in [pack.runs[0] for pack in solo_packs(runs, statuses)]:
     config = trainer_config(grid_path, run.row, run.overrides)
     key = f"alone:{run.workdir}" if _trains_alone(config) else train.pack_key(config)
     groups.setdefault(key, []).append(run)
@@ -244,7 +244,8 @@ def plan_packs(grid_path: str, runs: Sequence[Run],
     for size in _splits(len(group), parallel):
       chunks.append(tuple(group[start:start + size]))
       start += size
-  chunks.sort(key=lambda chunk: runs.index(chunk[0]))
+  order = {run.name: index for index, run in enumerate(runs)}
+  chunks.sort(key=lambda chunk: order[chunk[0].name])
   packs, count = [], 0
   for chunk in chunks:
     if len(chunk) == 1:

@@ -176,10 +176,8 @@ def launch(grid_path: str, runs: Sequence[plan.Run], options: SlurmOptions, *, g
   """
   repo = os.getcwd()
   statuses = plan.statuses(grid_path, runs)
-  if vectorize:
-    packs = plan.plan_packs(grid_path, runs, statuses)
-  else:
-    packs = plan.solo_packs(runs, statuses)
+  packs = (plan.plan_packs(grid_path, runs, statuses) if vectorize
+           else plan.solo_packs(runs, statuses))
   # Every script is built (and so checked) before any is written or submitted.
   jobs = []
   for pack in packs:
