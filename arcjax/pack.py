@@ -24,8 +24,17 @@ import functools
 import sys
 from typing import Any
 
+from absl import logging
+import jax
+import numpy as np
+
 from arcjax import config_file
 from arcjax import errors
+from arcjax import evaluators
+from arcjax import logging as arcjax_logging
+from arcjax import sharding
+from arcjax import train
+from arcjax import workdir
 
 _GLOBAL_FLAGS = ("--allow_config_change", "--traceback")
 
@@ -66,7 +75,6 @@ class _RunProgress:
 
 def _run_state(states: Any, index: int) -> Any:
   """Run `index`'s state out of the pack's stacked states (new arrays: the pack's are donated)."""
-  import jax  # pylint: disable=import-outside-toplevel
   return jax.tree.map(lambda leaf: leaf[index], states)
 
 
@@ -89,12 +97,6 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
     errors.Error: one line, before training, for what refuses the pack; after it,
       a TrainingError naming the runs that failed (each run's line was printed).
   """
-  # Imported here: a mistyped flag is reported without loading JAX's stack.
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from arcjax import evaluators, sharding, train, workdir  # pylint: disable=import-outside-toplevel
-  from arcjax import logging as arcjax_logging  # pylint: disable=import-outside-toplevel
-
   if len(configs) != len(workdirs):
     raise ValueError(f"{len(configs)} configs for {len(workdirs)} workdirs")
   seen = {}
@@ -154,9 +156,9 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
       bar.write(f"[{run.name}] error: {errors.message_of(error) or error}")
 
     for run, state in zip(runs, states):
-      run.evals = evaluators.Evaluators(run.config, run.setup.datasets, run.writer,
-                                        _RunProgress(bar, run.name, first - run.start), run.directory,
-                                        primary=primary)
+      progress = _RunProgress(bar, run.name, first - run.start)
+      run.evals = evaluators.Evaluators(run.config, run.setup.datasets, run.writer, progress,
+                                        run.directory, primary=primary)
       if run.start == 0:
         run.writer.write_images(0, {"train/images": run.setup.samples})
         run.evals.run(evaluators.ModelView.of(state, 0, num_classes, par.host))
@@ -164,17 +166,19 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
         finish(run, state)
         continue
       run.events = train.RunEvents(run.config, run.directory, run.setup, writer=run.writer,
-                                   evals=run.evals, progress=_RunProgress(bar, run.name, first - run.start),
-                                   start=run.start)
+                                   evals=run.evals, progress=progress, start=run.start)
       run.batches = run.inputs.enter_context(
           train.input_batches(run.config, run.setup.datasets, run.start))
       stack.callback(run.inputs.close)
 
+    # Update `tick` of the loop is update start + tick of each run; a run resumed at its end
+    # is done already, and where every run is, nothing compiles.
+    ticks = max((steps - run.start for run in runs if not run.done()), default=0)
     states = train.stack_runs(states)
-    step_fn = train.make_pack_step(configs, par, num_classes, states)
+    step_fn = train.make_pack_step(configs, par, num_classes, states) if ticks else None
     stop = errors.StopSignals() if jax.process_count() == 1 else contextlib.nullcontext()
     with stop:
-      for tick in range(1, steps - first + 1):
+      for tick in range(1, ticks + 1):
         active = [not run.done() and run.start + tick <= steps for run in runs]
         if not any(active):
           break
@@ -266,7 +270,6 @@ def main(argv: list[str]) -> None:
         configs.append(config_file.load(run_argv))
       except errors.ConfigError as error:
         raise errors.ConfigError(f"run {index} of the pack ({name}): {error}") from None
-    from absl import logging  # pylint: disable=import-outside-toplevel
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     train_pack(configs, [name for name, _ in groups],
                allow_config_change=options["allow_config_change"])
