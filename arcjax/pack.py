@@ -1,4 +1,4 @@
-"""Trains a pack of runs together: one compiled step over a leading run axis, a workdir each.
+r"""Trains a pack of runs together: one compiled step over a leading run axis, a workdir each.
 
   python -m arcjax.pack [--allow_config_change] [--traceback] \
       -- --config=configs/ablations.py:arcface --workdir=runs/arcface_s0 \
@@ -237,6 +237,9 @@ def parse_command_line(argv: list[str]) -> tuple[dict[str, bool], list[tuple[str
       current.append(arg)
     elif arg in _GLOBAL_FLAGS:
       options[arg.removeprefix("--")] = True
+    elif arg in ("-h", "--help"):
+      print(__doc__)
+      raise SystemExit(0)
     else:
       raise errors.ConfigError(f"unknown flag {arg} before the first '--' (the pack's own flags: "
                                f"{', '.join(_GLOBAL_FLAGS)}); each run's flags follow a '--'")
