@@ -114,7 +114,8 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
     records, primary = [], True
     for run in runs:
       run.directory, primary, record = stack.enter_context(train.open_run(run.config, run.name))
-      run.setup = train.set_up(run.config, run.directory, primary)
+      run.setup = train.set_up(run.config, run.directory, primary,  # the data is shared
+                               runs[0].setup.datasets if runs[0].setup else None)
       stack.callback(run.setup.checkpoints.close)
       records.append(record)
     if primary:  # every run's config change refused before any run's config.json is written

@@ -595,14 +595,15 @@ class Setup(NamedTuple):
   source: inference.Run | None  # config.train.init_from's run, for a run not resumed
 
 
-def set_up(config: ml_collections.ConfigDict, directory, primary: bool) -> Setup:
+def set_up(config: ml_collections.ConfigDict, directory, primary: bool,
+           datasets: data.Datasets | None = None) -> Setup:
   """Every check a run needs before it writes: raises a one-line error, writes nothing (but
   moves a checkpoint that fails its integrity check aside). The caller closes
-  `checkpoints`."""
+  `checkpoints`. `datasets`: `config.data`'s, where already loaded (a pack's runs share it)."""
   par = sharding.parallelism_for(config.train, config.head)
   steps, batch_size = config.train.steps, config.train.batch_size
   par.check_batch_size(batch_size)
-  datasets = data.get_datasets(config.data)
+  datasets = data.get_datasets(config.data) if datasets is None else datasets
   if config.data.sampler == "uniform" and batch_size > len(datasets.train):
     raise errors.ConfigError(f"config.train.batch_size={batch_size} is larger than the "
                              f"{len(datasets.train)} training images of {config.data.name}")
