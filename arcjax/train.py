@@ -17,7 +17,9 @@ margin warm-up) as an argument. A solo run closes over them as Python numbers:
 its compiled step is the one of a step that reads them from the config. A pack
 (`make_pack_step`) vmaps the step over a leading run axis of the states, the
 batches and those values, traced: the runs of a grid that differ only in them
-(`pack_key`) train in one compiled program.
+(`pack_key`) train in one compiled program; `arcjax.pack` runs such a pack, each
+run in its own workdir, with the pieces of the solo loop below (`open_run`,
+`set_up`, `start_state`, `RunEvents`, `write_results`).
 """
 
 import contextlib

@@ -73,6 +73,10 @@ def _leaf(tree, path):
   return tree
 
 
+def _rows(path: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
 def _segments(path: pathlib.Path) -> list[tuple]:
   return [(s["from_step"], s["trained"], s.get("pack"))
           for s in json.loads((path / "trained_in.json").read_text())]
@@ -93,6 +97,8 @@ def test_a_pack_trains_each_run_as_alone_and_runs_move_between_solo_and_pack(tmp
   for config, solo, packed_run, result in zip(configs, solos, packed, results):
     assert _files(packed_run) == _files(solo)
     assert (packed_run / "config.json").read_text() == (solo / "config.json").read_text()
+    assert [(row["step"], sorted(row)) for row in _rows(packed_run)] == [
+        (row["step"], sorted(row)) for row in _rows(solo)]  # each run's own metrics, as solo
     assert json.loads((packed_run / "results.json").read_text()) == result
     assert result["step"] == 5 and np.isfinite(result["train_loss"])
     (step, want), (_, got) = _checkpoint(solo), _checkpoint(packed_run)
@@ -128,8 +134,7 @@ def test_a_pack_trains_each_run_as_alone_and_runs_move_between_solo_and_pack(tmp
                                  (10, "solo", None)]
   assert _segments(fresh) == [(0, "pack", [str(solos[0])])]
   assert not (solos[0] / "config_history.jsonl").read_text().count("allowed_by_flag\": true")
-  rows = [json.loads(line) for line in (solos[0] / "metrics.jsonl").read_text().splitlines()]
-  assert [row["step"] for row in rows if "train/loss" in row] == [5, 10, 15]
+  assert [row["step"] for row in _rows(solos[0]) if "train/loss" in row] == [5, 10, 15]
 
 
 @pytest.mark.slow
@@ -161,8 +166,7 @@ def test_a_non_finite_run_stops_alone_and_a_damaged_checkpoint_is_set_aside(tmp_
   assert [p.name.split("-")[0] for p in (good / "checkpoints_damaged").iterdir()
           if p.is_dir()] == ["5"]
   assert _segments(good) == [(0, "pack", [str(bad)]), (4, "pack", [str(bad)])]
-  rows = [json.loads(line) for line in (good / "metrics.jsonl").read_text().splitlines()]
-  assert [row["step"] for row in rows if "train/loss" in row] == [5, 7]
+  assert [row["step"] for row in _rows(good) if "train/loss" in row] == [5, 7]
   for path in (good, bad):
     assert json.loads((path / "results.json").read_text())["step"] == 7
 
