@@ -700,7 +700,7 @@ def start_state(config: ml_collections.ConfigDict, directory, setup: Setup,
   return state, start, restored is not None
 
 
-def checkpoint_meta(setup: Setup) -> dict[str, Any]:
+def _checkpoint_meta(setup: Setup) -> dict[str, Any]:
   """What each checkpoint records beside the state (`_check_shapes` reads num_classes)."""
   return {"num_classes": setup.datasets.num_classes,
           "image_shape": list(setup.samples.shape[1:]),
@@ -734,7 +734,7 @@ class RunEvents:
                evals: evaluators.Evaluators, progress, start: int):
     self._config, self._directory, self._setup = config, directory, setup
     self._writer, self._evals, self._progress = writer, evals, progress
-    self._meta = checkpoint_meta(setup)
+    self._meta = _checkpoint_meta(setup)
     self._pending, self._rows, self._timer = [], [], (start, time.monotonic())
 
   def started(self, step: int) -> None:
