@@ -5,7 +5,9 @@ r"""Trains a pack of runs together: one compiled step over a leading run axis, a
       -- --config=configs/ablations.py:arcface --workdir=runs/arcface_s1 --config.seed=1
 
 Each group after a `--` is what `python -m arcjax.main` takes for that run
-alone: `--config=FILE[:ARG] --workdir=DIR [--config.a.b=v ...]`. The runs may
+alone: `--config=FILE[:ARG] --workdir=DIR [--config.a.b=v ...]` (a multi-process
+pack, e.g. on a TPU pod, takes main's --distributed_auto or --coordinator_address,
+--num_processes, --process_id once, or the same in every group). The runs may
 differ only in what a step takes traced (learning rate, weight decay, s, m1,
 m2, m3, the loss weights, the margin warm-up), the seed and the sampler;
 anything else splits a pack (`train.pack_key`) and is refused in one line.
@@ -37,6 +39,9 @@ from arcjax import train
 from arcjax import workdir
 
 _GLOBAL_FLAGS = ("--allow_config_change", "--traceback")
+# `arcjax.main`'s flags for a multi-process run (a TPU pod's pack: `--distributed_auto`).
+_DISTRIBUTED_FLAGS = ("--coordinator_address", "--num_processes", "--process_id",
+                      "--distributed_auto")
 
 
 @dataclasses.dataclass
@@ -224,32 +229,55 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
   return [run.results for run in runs]
 
 
-def parse_command_line(argv: list[str]) -> tuple[dict[str, bool], list[tuple[str, list[str]]]]:
-  """`[prog, GLOBAL..., --, RUN FLAGS..., --, RUN FLAGS..., ...]` → ({'allow_config_change',
-  'traceback'}, [(workdir, the run's argv for `config_file.load`), ...]); one-line ConfigError
-  for anything else."""
-  groups, current = [], None
-  options = {name.removeprefix("--"): False for name in _GLOBAL_FLAGS}
+def _split_distributed(args: list[str]) -> tuple[dict[str, str], list[str]]:
+  """`arcjax.main`'s multi-process flags among `args` ({name: value}), and the other args."""
+  found, rest = {}, []
+  for arg in args:
+    name, has_value, value = arg.partition("=")
+    if name in _DISTRIBUTED_FLAGS:
+      found[name.removeprefix("--")] = value if has_value else "true"
+    else:
+      rest.append(arg)
+  return found, rest
+
+
+def parse_command_line(argv: list[str]) -> tuple[dict[str, Any], list[tuple[str, list[str]]]]:
+  """`[prog, GLOBAL..., --, RUN FLAGS..., --, RUN FLAGS..., ...]` → (options, runs).
+
+  options: {'allow_config_change': bool, 'traceback': bool, 'distributed': {name: value}}:
+  `arcjax.main`'s multi-process flags (--coordinator_address=, --num_processes=,
+  --process_id=, --distributed_auto), given before the first '--' or in the runs' groups,
+  the same in each (the pack is one process group). runs: [(workdir, the run's argv for
+  `config_file.load`), ...]. Raises a one-line ConfigError for anything else.
+  """
+  groups, current, before = [], None, []
   for arg in argv[1:]:
     if arg == "--":
       current = []
       groups.append(current)
     elif current is not None:
       current.append(arg)
-    elif arg in _GLOBAL_FLAGS:
-      options[arg.removeprefix("--")] = True
-    elif arg in ("-h", "--help"):
+    else:
+      before.append(arg)
+  distributed, before = _split_distributed(before)
+  options = {name.removeprefix("--"): False for name in _GLOBAL_FLAGS}
+  for arg in before:
+    if arg in ("-h", "--help"):
       print(__doc__)
       raise SystemExit(0)
-    else:
+    if arg not in _GLOBAL_FLAGS:
       raise errors.ConfigError(f"unknown flag {arg} before the first '--' (the pack's own flags: "
                                f"{', '.join(_GLOBAL_FLAGS)}); each run's flags follow a '--'")
+    options[arg.removeprefix("--")] = True
   if not groups:
     raise errors.ConfigError("no runs: python -m arcjax.pack [--allow_config_change] "
                              "-- --config=FILE --workdir=DIR [--config.a.b=v ...] -- ...")
-  runs = []
+  runs, given = [], []
   for index, group in enumerate(groups):
-    workdirs, rest, args = [], [], iter(group)
+    flags, group_rest = _split_distributed(group)
+    if flags:
+      given.append(flags)
+    workdirs, rest, args = [], [], iter(group_rest)
     for arg in args:
       if arg.startswith("--workdir="):
         workdirs.append(arg.removeprefix("--workdir="))
@@ -261,7 +289,26 @@ def parse_command_line(argv: list[str]) -> tuple[dict[str, bool], list[tuple[str
       raise errors.ConfigError(f"run {index} of the pack needs one --workdir=DIR, got "
                                f"{len(workdirs)}: {' '.join(group) or '(no flags)'}")
     runs.append((workdirs[0], [argv[0], *rest]))
+  if given and (len(given) != len(groups) or any(flags != given[0] for flags in given)):
+    raise errors.ConfigError("the runs of a pack train in one process group: give "
+                             f"{'/'.join(_DISTRIBUTED_FLAGS)} once before the first '--', or "
+                             "the same in every run's flags")
+  if given and distributed and distributed != given[0]:
+    raise errors.ConfigError("the multi-process flags before the first '--' differ from the "
+                             "runs' own")
+  options["distributed"] = distributed or (given[0] if given else {})
   return options, runs
+
+
+def _initialize_distributed(flags: dict[str, str]) -> None:
+  """`sharding.initialize_distributed` of the multi-process flags `parse_command_line` found."""
+  try:
+    count, index = (int(flags[name]) if name in flags else None
+                    for name in ("num_processes", "process_id"))
+  except ValueError:
+    raise errors.ConfigError(f"--num_processes and --process_id take an int, got {flags}") from None
+  sharding.initialize_distributed(flags.get("coordinator_address"), count, index,
+                                  auto=flags.get("distributed_auto") == "true")
 
 
 def main(argv: list[str]) -> None:
@@ -275,6 +322,7 @@ def main(argv: list[str]) -> None:
       except errors.ConfigError as error:
         raise errors.ConfigError(f"run {index} of the pack ({name}): {error}") from None
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    _initialize_distributed(options["distributed"])
     train_pack(configs, [name for name, _ in groups],
                allow_config_change=options["allow_config_change"])
 

@@ -231,6 +231,8 @@ def test_sigint_saves_every_run_and_the_same_command_resumes_bit_exact(tmp_path)
      "run 0 of the pack ({a}): configs/default.py: unknown config key config.train.stepz"),
     (["--allow_config_changes", "--", "--workdir={a}"], "unknown flag --allow_config_changes"),
     ([], "no runs"),
+    (["--", "--workdir={a}", "--distributed_auto", "--", "--workdir={b}"],
+     "the runs of a pack train in one process group"),
 ])
 def test_what_refuses_a_pack_is_one_line_and_writes_nothing(tmp_path, capsys, flags, message):
   names = {"a": tmp_path / "a", "b": tmp_path / "b"}
@@ -244,3 +246,19 @@ def test_what_refuses_a_pack_is_one_line_and_writes_nothing(tmp_path, capsys, fl
   assert len(lines) == 1 and lines[0].startswith("error: "), err
   assert message.format(**names) in lines[0], lines[0]
   assert not any(path.exists() for path in names.values())
+
+
+def test_the_launchers_pack_command_parses_as_each_runs_solo_flags():
+  """`experiments.plan.pack_command`'s form: each group a solo trainer's flags, a TPU pod's
+  --distributed_auto in each."""
+  argv = ["arcjax.pack", "--allow_config_change",
+          "--", "--config=configs/ablations.py:arcface", "--workdir=runs/a",
+          "--config.seed=1", "--distributed_auto",
+          "--", "--config=configs/ablations.py:arcface", "--workdir", "runs/b",
+          "--distributed_auto"]
+  options, runs = pack.parse_command_line(argv)
+  assert options == {"allow_config_change": True, "traceback": False,
+                     "distributed": {"distributed_auto": "true"}}
+  assert runs == [("runs/a", ["arcjax.pack", "--config=configs/ablations.py:arcface",
+                              "--config.seed=1"]),
+                  ("runs/b", ["arcjax.pack", "--config=configs/ablations.py:arcface"])]
