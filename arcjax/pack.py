@@ -197,21 +197,31 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
         if tick == 1:  # the first step compiles: time from its end
           jax.block_until_ready(metrics)
         stopping = getattr(stop, "number", None) is not None
+        # Every run logs before any evaluates: a run's images/s leaves out its own
+        # evaluations (RunEvents) and, with the clocks restarted below, the other runs'.
         for i, run in enumerate(runs):
           if not active[i]:
             continue
-          step = run.start + tick
           if tick == 1:
-            run.events.started(step)
+            run.events.restart_clock(run.start + tick)
           try:
-            run.events.after(step, lambda i=i, run=run, rows=rows: train.run_metrics(
-                run.config, rows()[i]), functools.partial(_run_state, states, i),
-                stopping=stopping)
+            run.events.log(run.start + tick, lambda i=i, run=run, rows=rows: train.run_metrics(
+                run.config, rows()[i]), stopping=stopping)
           except errors.TrainingError as error:
             fail(run, error)
+        evaluated = False
+        for i, run in enumerate(runs):
+          if not active[i] or run.done():
             continue
+          step = run.start + tick
+          evaluated |= run.evals.due(step) or step == steps
+          run.events.evaluate_and_save(step, functools.partial(_run_state, states, i),
+                                       stopping=stopping)
           if step == steps:
             finish(run)
+        for run in runs if evaluated else ():
+          if not run.done():
+            run.events.restart_clock(run.start + tick)
         saved = [run for i, run in enumerate(runs) if active[i] and not run.done()]
         if stopping and saved:
           for run in saved:

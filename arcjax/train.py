@@ -737,12 +737,14 @@ class RunEvents:
     self._meta = _checkpoint_meta(setup)
     self._pending, self._rows, self._timer = [], [], (start, time.monotonic())
 
-  def started(self, step: int) -> None:
-    """Update `step` is done (the first, which compiled): images/s is timed from here."""
+  def restart_clock(self, step: int) -> None:
+    """Images/s is timed from update `step` on, done now: after the first update, which
+    compiled (and in a pack, after the other runs' evaluations)."""
     self._timer = (step, time.monotonic())
 
   def after(self, step: int, scalars, state, *, stopping: bool = False) -> None:
-    """Notes update `step`, then logs, evaluates and saves what is due at it.
+    """Notes update `step`, then logs, evaluates and saves what is due at it (`log`, then
+    `evaluate_and_save`).
 
     Args:
       step: the update just done.
@@ -751,17 +753,21 @@ class RunEvents:
       stopping: the run stops after this step (a signal): its rows are logged and its
         checkpoint saved now.
     """
-    train_config, setup = self._config.train, self._setup
-    final = step == train_config.steps
+    self.log(step, scalars, stopping=stopping)
+    self.evaluate_and_save(step, state, stopping=stopping)
+
+  def log(self, step: int, scalars, *, stopping: bool = False) -> None:
+    """Notes update `step` (`after`'s arguments); where anything is due at it, checks the
+    rows so far (raises TrainingError) and logs them where a log is due."""
+    train_config = self._config.train
     self._pending.append((step, scalars))
     events = due(train_config, step)
-    log, save = events["log"] or stopping, events["save"] or stopping
-    evaluate = self._evals.due(step) and not final  # the end's evaluation: below, with the save
-    if not (log or save or evaluate):
+    log = events["log"] or stopping
+    if not (log or events["save"] or stopping or self._evals.due(step)):
       return
     new_rows = [row() for _, row in self._pending]
     check_rows(new_rows, [s for s, _ in self._pending], train_config.max_param_norm,
-               setup.checkpoints.latest_step(), self._directory)
+               self._setup.checkpoints.latest_step(), self._directory)
     self._rows, self._pending = self._rows + new_rows, []
     if log:
       rows, timer = self._rows, self._timer
@@ -771,6 +777,13 @@ class RunEvents:
       self._writer.write_scalars(step, {**means, "train/images_per_s": images_per_s})
       self._progress.update(step, means["train/loss"], images_per_s)
       self._rows = []
+
+  def evaluate_and_save(self, step: int, state, *, stopping: bool = False) -> None:
+    """Runs the evaluations and saves the checkpoint due at update `step`, logged by `log`."""
+    train_config, setup = self._config.train, self._setup
+    final = step == train_config.steps
+    save = due(train_config, step)["save"] or stopping
+    evaluate = self._evals.due(step) and not final  # the end's evaluation: below, with the save
     if not (evaluate or save):
       return
     global_state, num_classes = state(), setup.datasets.num_classes
@@ -809,7 +822,7 @@ def _train(config, directory, setup: Setup, primary: bool) -> dict[str, Any]:
         state, metrics = step_fn(state, par.put_batch(next(batches)))
         if step == start + 1:  # the first step compiles: time from its end
           jax.block_until_ready(metrics)
-          events.started(step)
+          events.restart_clock(step)
         stopping = getattr(stop, "number", None) is not None
         events.after(step, functools.partial(par.scalars, metrics),
                      functools.partial(par.to_global, state), stopping=stopping)
