@@ -147,6 +147,8 @@ class MetricWriter:
       self._run = wandb.init(project=config.wandb.project, dir=local, mode=mode,
                              name=directory.name, id=_wandb_run_id(directory),
                              resume="allow", config=config.to_dict(),
+                             # a pack's runs are several wandb runs of one process
+                             reinit="create_new",
                              settings=wandb.Settings(console="off", silent=True))
 
   def flush(self) -> None:

@@ -17,7 +17,9 @@ margin warm-up) as an argument. A solo run closes over them as Python numbers:
 its compiled step is the one of a step that reads them from the config. A pack
 (`make_pack_step`) vmaps the step over a leading run axis of the states, the
 batches and those values, traced: the runs of a grid that differ only in them
-(`pack_key`) train in one compiled program.
+(`pack_key`) train in one compiled program; `arcjax.pack` runs such a pack, each
+run in its own workdir, with the pieces of the solo loop below (`open_run`,
+`set_up`, `start_state`, `RunEvents`, `write_results`).
 """
 
 import contextlib
@@ -556,6 +558,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str, *,
   scalars}, 'pixel_baseline', 'angle_stats' (or None), 'loss'}. Raises an
   `errors.Error` (one line at the command line) for what a user can fix.
   """
+  with open_run(config, workdir_path) as (directory, primary, record_config):
+    setup = set_up(config, directory, primary)
+    try:
+      record_config(config, allow_changes=allow_config_change)
+      return _train(config, directory, setup, primary)
+    finally:
+      setup.checkpoints.close()
+
+
+@contextlib.contextmanager
+def open_run(config: ml_collections.ConfigDict, workdir_path: str):
+  """Checks `config` and holds its workdir (`workdir.open_run`, every process agreeing).
+
+  Yields (directory, primary, record_config): the workdir's path, whether this
+  process writes its files, and `record(config, allow_changes=False)`.
+  """
   check_config(config)
   directory = workdir.as_path(workdir_path)
   if config.train.init_from and workdir.as_path(config.train.init_from) == directory:
@@ -565,16 +583,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir_path: str, *,
   agree = (lambda ok: bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
            if jax.process_count() > 1 else lambda ok: ok)
   with workdir.open_run(directory, primary=primary, agree=agree) as record_config:
-    setup = _set_up(config, directory, primary)
-    try:
-      record_config(config, allow_changes=allow_config_change)
-      return _train(config, directory, setup, primary)
-    finally:
-      setup.checkpoints.close()
+    yield directory, primary, record_config
 
 
-class _Setup(NamedTuple):
-  """What `_set_up` found: the devices, the data, the state to start from, the checkpoints."""
+class Setup(NamedTuple):
+  """What `set_up` found: the devices, the data, the state to start from, the checkpoints."""
   par: sharding.Parallelism
   datasets: data.Datasets
   samples: np.ndarray  # (16, H, W, C) uint8: the first training images, for the image log
@@ -584,13 +597,15 @@ class _Setup(NamedTuple):
   source: inference.Run | None  # config.train.init_from's run, for a run not resumed
 
 
-def _set_up(config, directory, primary: bool) -> _Setup:
+def set_up(config: ml_collections.ConfigDict, directory, primary: bool,
+           datasets: data.Datasets | None = None) -> Setup:
   """Every check a run needs before it writes: raises a one-line error, writes nothing (but
-  moves a checkpoint that fails its integrity check aside)."""
+  moves a checkpoint that fails its integrity check aside). The caller closes
+  `checkpoints`. `datasets`: `config.data`'s, where already loaded (a pack's runs share it)."""
   par = sharding.parallelism_for(config.train, config.head)
   steps, batch_size = config.train.steps, config.train.batch_size
   par.check_batch_size(batch_size)
-  datasets = data.get_datasets(config.data)
+  datasets = data.get_datasets(config.data) if datasets is None else datasets
   if config.data.sampler == "uniform" and batch_size > len(datasets.train):
     raise errors.ConfigError(f"config.train.batch_size={batch_size} is larger than the "
                              f"{len(datasets.train)} training images of {config.data.name}")
@@ -626,7 +641,7 @@ def _set_up(config, directory, primary: bool) -> _Setup:
   except BaseException:
     checkpoints.close()
     raise
-  return _Setup(par, datasets, samples, init, abstract, checkpoints, source)
+  return Setup(par, datasets, samples, init, abstract, checkpoints, source)
 
 
 def _check_shapes(config, directory, checkpoints: workdir.Checkpoints, step: int, abstract,
@@ -658,16 +673,21 @@ def _check_shapes(config, directory, checkpoints: workdir.Checkpoints, step: int
       f"weights, train in a new workdir with --config.train.init_from={directory}")
 
 
-def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
-  par, datasets, checkpoints = setup.par, setup.datasets, setup.checkpoints
-  steps, batch_size = config.train.steps, config.train.batch_size
-  num_classes = datasets.num_classes
-  restored = checkpoints.restore_latest(
+def start_state(config: ml_collections.ConfigDict, directory, setup: Setup,
+                primary: bool) -> tuple[TrainState, int, bool]:
+  """The state a run starts from, its step, and whether it was restored from a checkpoint.
+
+  The newest intact checkpoint, else a new state of `config.seed`, started from
+  `setup.source` (config.train.init_from) where it has one: init_from.json is
+  written and a line printed.
+  """
+  par = setup.par
+  restored = setup.checkpoints.restore_latest(
       setup.abstract, sharding.match_tree(setup.abstract, sharding.CLASS_ROWS))
   state, start = ((restored[0], restored[1]["step"]) if restored
                   else (par.init(setup.init, jax.random.key(config.seed)), 0))
   if setup.source is not None:
-    state, record = start_from(setup.source, state, config, datasets)
+    state, record = start_from(setup.source, state, config, setup.datasets)
     if primary:
       workdir.write_json(directory / workdir.INIT_FROM, record)
       calibration = record["calibration"]
@@ -677,8 +697,113 @@ def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
               if calibration and calibration["left"] else "")
       print(f"started from {record['workdir']} (step {record['step']}): its backbone{calibrated}"
             f"{left}; centres {record['centres']}", flush=True)
-  meta = {"num_classes": num_classes, "image_shape": list(setup.samples.shape[1:]),
-          "num_devices": par.num_devices, "parallel": par.mode}
+  return state, start, restored is not None
+
+
+def _checkpoint_meta(setup: Setup) -> dict[str, Any]:
+  """What each checkpoint records beside the state (`_check_shapes` reads num_classes)."""
+  return {"num_classes": setup.datasets.num_classes,
+          "image_shape": list(setup.samples.shape[1:]),
+          "num_devices": setup.par.num_devices, "parallel": setup.par.mode}
+
+
+def record_segment(directory, start: int, pack: list[str] | None = None) -> None:
+  """Appends to the workdir's trained_in.json how it trains from step `start` on: solo, or in
+  a pack with the workdirs `pack` (a run may move between the two; config.json is the same,
+  so this is no config change). One entry per start; the next entry's step ends it."""
+  path = directory / workdir.TRAINED_IN
+  segments = workdir.read_json(path) if path.exists() else []
+  segment = {"from_step": start, "trained": "pack" if pack else "solo",
+             **({"pack": pack} if pack else {}),
+             "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  workdir.write_json(path, [*segments, segment])
+
+
+class RunEvents:
+  """The host side of one run's loop: after each update, what is due at its step.
+
+  Every update's metrics wait (on the device) until something is due: then they
+  are checked (`check_rows`: a non-finite or diverged step raises TrainingError
+  before anything of it is saved), logged as the mean over the logging window,
+  and the evaluations (`evaluators.Evaluators`) and the checkpoint due at the
+  step run (`due`; all of it when the run is stopping). A solo run and each run
+  of a pack have one.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, directory, setup: Setup, *, writer,
+               evals: evaluators.Evaluators, progress, start: int):
+    self._config, self._directory, self._setup = config, directory, setup
+    self._writer, self._evals, self._progress = writer, evals, progress
+    self._meta = _checkpoint_meta(setup)
+    self._pending, self._rows, self._timer = [], [], (start, time.monotonic())
+
+  def restart_clock(self, step: int) -> None:
+    """Images/s is timed from update `step` on, done now: after the first update, which
+    compiled (and in a pack, after the other runs' evaluations)."""
+    self._timer = (step, time.monotonic())
+
+  def after(self, step: int, scalars, state, *, stopping: bool = False) -> None:
+    """Notes update `step`, then logs, evaluates and saves what is due at it (`log`, then
+    `evaluate_and_save`).
+
+    Args:
+      step: the update just done.
+      scalars: () -> its metrics as Python floats (called only when something is due).
+      state: () -> the run's state in the global layout (for evaluations and checkpoints).
+      stopping: the run stops after this step (a signal): its rows are logged and its
+        checkpoint saved now.
+    """
+    self.log(step, scalars, stopping=stopping)
+    self.evaluate_and_save(step, state, stopping=stopping)
+
+  def log(self, step: int, scalars, *, stopping: bool = False) -> None:
+    """Notes update `step` (`after`'s arguments); where anything is due at it, checks the
+    rows so far (raises TrainingError) and logs them where a log is due."""
+    train_config = self._config.train
+    self._pending.append((step, scalars))
+    events = due(train_config, step)
+    log = events["log"] or stopping
+    if not (log or events["save"] or stopping or self._evals.due(step)):
+      return
+    new_rows = [row() for _, row in self._pending]
+    check_rows(new_rows, [s for s, _ in self._pending], train_config.max_param_norm,
+               self._setup.checkpoints.latest_step(), self._directory)
+    self._rows, self._pending = self._rows + new_rows, []
+    if log:
+      rows, timer = self._rows, self._timer
+      images_per_s = ((step - timer[0]) * train_config.batch_size / (time.monotonic() - timer[1])
+                      if step > timer[0] else 0.0)
+      means = {f"train/{name}": float(np.mean([row[name] for row in rows])) for name in rows[-1]}
+      self._writer.write_scalars(step, {**means, "train/images_per_s": images_per_s})
+      self._progress.update(step, means["train/loss"], images_per_s)
+      self._rows = []
+
+  def evaluate_and_save(self, step: int, state, *, stopping: bool = False) -> None:
+    """Runs the evaluations and saves the checkpoint due at update `step`, logged by `log`."""
+    train_config, setup = self._config.train, self._setup
+    final = step == train_config.steps
+    save = due(train_config, step)["save"] or stopping
+    evaluate = self._evals.due(step) and not final  # the end's evaluation: below, with the save
+    if not (evaluate or save):
+      return
+    global_state, num_classes = state(), setup.datasets.num_classes
+    if evaluate:
+      self._evals.run(evaluators.ModelView.of(global_state, step, num_classes, setup.par.host))
+      self._timer = (step, time.monotonic())  # images/s leaves evaluations out
+    if save:
+      if final:  # the end's rows, like every step's, reach the disk before its checkpoint
+        self._evals.run(evaluators.ModelView.of(global_state, step, num_classes, setup.par.host),
+                        final=True)
+      self._writer.flush()
+      setup.checkpoints.save(step, global_state, {"step": step, **self._meta})
+
+
+def _train(config, directory, setup: Setup, primary: bool) -> dict[str, Any]:
+  par, datasets, checkpoints = setup.par, setup.datasets, setup.checkpoints
+  steps, num_classes = config.train.steps, datasets.num_classes
+  state, start, restored = start_state(config, directory, setup, primary)
+  if primary and start < steps:
+    record_segment(directory, start)
   writer = arcjax_logging.MetricWriter(directory, config, enabled=primary,
                                        keep_through_step=start if restored else None)
   progress = arcjax_logging.Progress(steps, start, enabled=primary)
@@ -686,45 +811,22 @@ def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
   if start == 0:
     writer.write_images(0, {"train/images": setup.samples})
     evals.run(evaluators.ModelView.of(state, 0, num_classes, par.host))
+  events = RunEvents(config, directory, setup, writer=writer, evals=evals, progress=progress,
+                     start=start)
   step_fn = make_train_step(config, par, num_classes, state)
   state = par.to_step(state)
   stop = errors.StopSignals() if jax.process_count() == 1 else contextlib.nullcontext()
-  pending, rows, timer = [], [], (start, time.monotonic())
   try:
     with stop, input_batches(config, datasets, start) as batches:
       for step in range(start + 1, steps + 1):
         state, metrics = step_fn(state, par.put_batch(next(batches)))
-        pending.append((step, metrics))
         if step == start + 1:  # the first step compiles: time from its end
           jax.block_until_ready(metrics)
-          timer = (step, time.monotonic())
-        final, stopping = step == steps, getattr(stop, "number", None) is not None
-        events = due(config.train, step)
-        log, save = events["log"] or stopping, events["save"] or stopping
-        evaluate = evals.due(step) and not final  # the end's evaluation: after the loop
-        if not (log or save or evaluate):
-          continue
-        new_rows = [par.scalars(m) for _, m in pending]
-        check_rows(new_rows, [s for s, _ in pending], config.train.max_param_norm,
-                   checkpoints.latest_step(), directory)
-        rows, pending = rows + new_rows, []
-        if log:
-          images_per_s = ((step - timer[0]) * batch_size / (time.monotonic() - timer[1])
-                          if step > timer[0] else 0.0)
-          means = {f"train/{name}": float(np.mean([row[name] for row in rows])) for name in rows[-1]}
-          writer.write_scalars(step, {**means, "train/images_per_s": images_per_s})
-          progress.update(step, means["train/loss"], images_per_s)
-          rows = []
-        global_state = par.to_global(state)
-        if evaluate:
-          evals.run(evaluators.ModelView.of(global_state, step, num_classes, par.host))
-          timer = (step, time.monotonic())  # images/s leaves evaluations out
-        if save:
-          if final:  # the end's rows, like every step's, reach the disk before its checkpoint
-            evals.run(evaluators.ModelView.of(global_state, step, num_classes, par.host), final=True)
-          writer.flush()
-          checkpoints.save(step, global_state, {"step": step, **meta})
-        if stopping and not final:
+          events.restart_clock(step)
+        stopping = getattr(stop, "number", None) is not None
+        events.after(step, functools.partial(par.scalars, metrics),
+                     functools.partial(par.to_global, state), stopping=stopping)
+        if stopping and step < steps:
           checkpoints.wait()
           raise stop.interrupted(f"at step {step}; checkpoint {step} saved in {directory}: run "
                                  "the same command to resume")
@@ -734,7 +836,15 @@ def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
   finally:
     progress.close()
     writer.close()
-  train_loss = next((row["train/loss"] for row in reversed(writer.rows)
+  return write_results(config, directory, writer.rows, evals, primary)
+
+
+def write_results(config: ml_collections.ConfigDict, directory, rows: list[dict[str, Any]],
+                  evals: evaluators.Evaluators, primary: bool) -> dict[str, Any]:
+  """results.json (and angle_stats.json) of a run trained to its end, from its metrics
+  `rows` and its evaluators; prints `did_not_train_note`'s note. Returns the results."""
+  steps = config.train.steps
+  train_loss = next((row["train/loss"] for row in reversed(rows)
                      if "train/loss" in row and row["step"] == steps), None)
   results = {"step": steps, "train_loss": train_loss, **evals.summary(),
              "loss": losses.describe(config.loss)}
@@ -742,7 +852,7 @@ def _train(config, directory, setup: _Setup, primary: bool) -> dict[str, Any]:
     if results["angle_stats"] is not None:
       workdir.write_json(directory / workdir.ANGLE_STATS, results["angle_stats"])
     workdir.write_json(directory / workdir.RESULTS, results)
-    note = did_not_train_note(writer.rows, config.loss.get("margin_warmup_steps", 0))
+    note = did_not_train_note(rows, config.loss.get("margin_warmup_steps", 0))
     if note:
       print(note, flush=True)
   return results

@@ -14,6 +14,7 @@ A run is its config plus its workdir. The workdir holds:
   init_from.json        a run started from another run's backbone (config.train.init_from):
                         that run, its step, the SHA-256 of what was loaded, whether the
                         centres came too
+  trained_in.json       each start of training: its step, solo or in a pack (with whom)
   imported.json         a workdir made by `python -m arcjax.from_onnx`: the ONNX file, its
                         SHA-256, the architecture found, where the normalisation came from
 
@@ -54,6 +55,8 @@ EVALUATIONS = "evaluations"
 ANGLE_STATS = "angle_stats.json"
 RESULTS = "results.json"
 INIT_FROM = "init_from.json"
+# How each segment of the run was trained: solo, or in a pack with which workdirs (a list).
+TRAINED_IN = "trained_in.json"
 IMPORTED = "imported.json"
 WANDB_RUN_ID = "wandb_run_id"
 LAUNCH_LOG = "launch.log"
