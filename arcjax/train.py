@@ -212,14 +212,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], hparams: dict[str
 
 
 def _step_fn(config: ml_collections.ConfigDict, par: sharding.Parallelism, num_classes: int,
-             terms: tuple[str, ...] | None = None, per_run_convs: bool = False):
+             terms: tuple[str, ...] | None = None):
   """`train_step` of `config`'s static parts (the model, the optimiser's and the loss's form,
   the head) for `num_classes` identities, the loss computing `terms` (default: its own)."""
   margin_term = head_lib.margin_term(config.loss, config.head, num_classes, par.mesh)
-  model = models.make_model(config.model, bn_axis_name=par.bn_axis_name,
-                            per_run_convs=per_run_convs)
   return functools.partial(
-      train_step, model=model,
+      train_step, model=models.make_model(config.model, bn_axis_name=par.bn_axis_name),
       make_optimizer=functools.partial(optim.make_optimizer, config.train),
       make_schedule=functools.partial(optim.make_schedule, config.train),
       make_loss_fn=functools.partial(losses.make_loss_fn, config.loss, margin_term, num_classes,
@@ -319,8 +317,8 @@ def unstack_runs(tree: Any) -> list[Any]:
 
 
 def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Parallelism,
-                   num_classes: int, states: Any, *, per_run_convs: bool | None = None):
-  """One compiled step for the N runs of `configs` (`check_pack`), vmapped over a run axis.
+                   num_classes: int, states: Any, *, vectorize: bool | None = None):
+  """One compiled step for the N runs of `configs` (`check_pack`), over a leading run axis.
 
   The values the runs share are static, as in a solo step; those they differ in are
   traced. The loss computes the union of the runs' terms, each times its run's weight
@@ -331,11 +329,13 @@ def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Paral
     par: a 'mesh' or 'none' parallelism; each run's batch is split over its devices.
     num_classes: C, the same for every run (the data is shared).
     states: the runs' TrainStates stacked (`stack_runs`), to lay out the compiled step.
-    per_run_convs: convolve one run at a time (`models.per_run_conv`) rather than with
-      vmap's convolution grouped over the runs; None: on CPU only. On XLA:CPU (jaxlib
-      0.10.2, 2 cores, the CPU setting) the grouped convolution made the pack step 2.6-3.9
-      times the N solo steps (N = 3-15), per-run convolutions 1.03-1.2 times
-      (`benchmarks/pack_step.py`); accelerators run grouped convolutions natively.
+    vectorize: vmap the step over the run axis (batched matrix products, convolutions
+      grouped over the runs), else write each run's step once, one after another, in
+      the one program; None: vmap except on CPU. XLA:CPU runs vmap's grouped
+      convolutions several times slower than the runs' own one after another
+      (`benchmarks/pack_step.py`), and each run's own step there is its solo step's
+      arithmetic: its centres after 5 steps at cosine >= 0.99999 to solo, class by
+      class, where vmap's summation orders left 0.9997 (the table5 rows, 2 seeds).
 
   Returns:
     step(states, batches, active) -> (states, metrics): batches {'image': (N, B, H, W, C)
@@ -345,9 +345,10 @@ def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Paral
     leading (N,) axis: `run_metrics` keeps a run's own.
 
   Each run's update equals its solo step's to float rounding (each leaf within 3e-5 of it,
-  relative, tested), not bit for bit: vmapped kernels sum in other orders. Over several steps the training's own
-  sensitivity amplifies that rounding (about tenfold a step in the first steps of the CPU
-  setting), as it does between any two XLA programs of the same step.
+  relative, tested), not always bit for bit: its traced values (a margin, the learning
+  rate) are constants in the solo step, which XLA may fold in another order. Over several
+  steps the training's own sensitivity amplifies that rounding (about tenfold a step in
+  the first steps of the CPU setting), as it does between any two XLA programs.
   """
   check_pack(configs, par)
   values = [step_hparams(config) for config in configs]
@@ -357,13 +358,18 @@ def make_pack_step(configs: list[ml_collections.ConfigDict], par: sharding.Paral
              for name in values[0] if name not in shared}
   terms = tuple(term for term in losses.TERMS
                 if any(term in losses.active_terms(config.loss) for config in configs))
-  if per_run_convs is None:
-    per_run_convs = jax.default_backend() == "cpu"
-  step = _step_fn(configs[0], par, num_classes, terms, per_run_convs)
+  if vectorize is None:
+    vectorize = jax.default_backend() != "cpu"
+  step = _step_fn(configs[0], par, num_classes, terms)
 
   def pack_step(states, batches, varying, active):
     run = lambda state, batch, values: step(state, batch, {**shared, **values})
-    new_states, metrics = jax.vmap(run)(states, batches, varying)
+    if vectorize:
+      new_states, metrics = jax.vmap(run)(states, batches, varying)
+    else:
+      take = lambda tree, i: jax.tree.map(lambda leaf: leaf[i], tree)
+      new_states, metrics = stack_runs([run(take(states, i), take(batches, i), take(varying, i))
+                                        for i in range(len(configs))])
     keep = lambda new, old: jnp.where(active.reshape(-1, *(1,) * (new.ndim - 1)), new, old)
     return jax.tree.map(keep, new_states, states), metrics
 

@@ -5,12 +5,13 @@ runs of the seeded table5 grid (norm_softmax, arcface, ns_intra, ns_inter, tripl
 then again with the next seed): for each N, the N solo steps (each run's own compiled
 step, one after another) and one pack step, timed in one process on fixed batches,
 interleaved (solo, then each pack formulation, `--repeats` times, each `--steps`
-steps). The pack's convolutions are vmapped two ways: 'per_run' (`models.per_run_conv`:
-one plain convolution per run, the default on CPU) and 'grouped' (vmap's own: one
-convolution grouped over the runs, the default on accelerators). Ratios < 1 are a
-pack faster than its runs alone. Compile: all N solo steps' against the pack's.
+steps). The pack is formed two ways (`make_pack_step(vectorize=...)`): 'unrolled' (each
+run's step written once in the one program, the default on CPU) and 'vmapped' (vmap over
+the run axis: batched matrix products, convolutions grouped over the runs, the default on
+accelerators). Ratios < 1 are a pack faster than its runs alone. Compile: all N solo
+steps' against the pack's.
 
-  python -m benchmarks.pack_step [--runs 1 3 5 15] [--convs per_run grouped] [--smoke]
+  python -m benchmarks.pack_step [--runs 1 3 5 15] [--forms unrolled vmapped] [--smoke]
 """
 
 import argparse
@@ -55,7 +56,7 @@ def _timed(step, state, batch, steps: int):
   return (time.perf_counter() - start) / steps, state
 
 
-def benchmark(count: int, convs: list[str], batch_size: int, repeats: int, steps: int) -> dict:
+def benchmark(count: int, forms: list[str], batch_size: int, repeats: int, steps: int) -> dict:
   """Seconds per step (each repeat) of N solo steps and of the pack in each formulation."""
   configs = _configs(count, batch_size)
   par = sharding.parallelism_for(configs[0].train, configs[0].head)
@@ -75,11 +76,11 @@ def benchmark(count: int, convs: list[str], batch_size: int, repeats: int, steps
   active = np.ones(count, bool)
   pack_batch = par.put_batch(_batch(rng, (count, batch_size)), runs=True)
   packs = {}
-  for kind in convs:
+  for kind in forms:
     pack_states = train.stack_runs([init(config) for config in configs])
     start = time.perf_counter()
     pack = train.make_pack_step(configs, par, NUM_CLASSES, pack_states,
-                                per_run_convs=kind == "per_run")
+                                vectorize=kind == "vmapped")
     step = functools.partial(lambda pack, states, batch: pack(states, batch, active), pack)
     pack_states, metrics = step(pack_states, pack_batch)
     jax.block_until_ready(metrics)
@@ -91,7 +92,7 @@ def benchmark(count: int, convs: list[str], batch_size: int, repeats: int, steps
       states[i], _ = solo(states[i], batches[i])
     return states, {"done": states[-1].step}
 
-  seconds = {"solo": [], **{kind: [] for kind in convs}}
+  seconds = {"solo": [], **{kind: [] for kind in forms}}
   for _ in range(repeats):
     took, states = _timed(solo_steps, states, None, steps)
     seconds["solo"].append(took)
@@ -104,8 +105,8 @@ def benchmark(count: int, convs: list[str], batch_size: int, repeats: int, steps
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", nargs="+", type=int, default=[1, 3, 5, 15])
-  parser.add_argument("--convs", nargs="+", choices=["per_run", "grouped"],
-                      default=["per_run", "grouped"])
+  parser.add_argument("--forms", nargs="+", choices=["unrolled", "vmapped"],
+                      default=["unrolled", "vmapped"])
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
@@ -119,20 +120,20 @@ def main():
         f"tiny CNN, batch {args.batch_size} per run, {IMAGE_SHAPE}, {NUM_CLASSES} classes; "
         f"{args.repeats} interleaved repeats of {args.steps} steps")
   columns = ["runs", "solo ms/step (N runs)"]
-  for kind in args.convs:
+  for kind in args.forms:
     columns += [f"pack {kind} ms/step", f"{kind} / solo (median, range)"]
-  columns += ["compile s: solo (all N)", *(f"{kind}" for kind in args.convs)]
+  columns += ["compile s: solo (all N)", *(f"{kind}" for kind in args.forms)]
   print("| " + " | ".join(columns) + " |")
   print("|" + "---|" * len(columns))
   for count in args.runs:
-    r = benchmark(count, args.convs, args.batch_size, args.repeats, args.steps)
+    r = benchmark(count, args.forms, args.batch_size, args.repeats, args.steps)
     solo = r["seconds"]["solo"]
     cells = [str(count), f"{statistics.median(solo) * 1e3:.0f}"]
-    for kind in args.convs:
+    for kind in args.forms:
       ratios = [pack / alone for pack, alone in zip(r["seconds"][kind], solo)]
       cells += [f"{statistics.median(r['seconds'][kind]) * 1e3:.0f}",
                 f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
-    cells += [f"{r['compile_s'][kind]:.1f}" for kind in ("solo", *args.convs)]
+    cells += [f"{r['compile_s'][kind]:.1f}" for kind in ("solo", *args.forms)]
     print("| " + " | ".join(cells) + " |", flush=True)
 
 

@@ -2,7 +2,6 @@
 dtypes, BatchNorm train/eval behaviour, dropout's rng, and image normalisation."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -202,58 +201,3 @@ def test_bad_inputs_raise():
     model.apply(variables, jnp.zeros((1, 28, 28, 1), jnp.uint8), train=False)
   with pytest.raises(ValueError, match=r"\(28, 28, 1\)"):
     model.apply(variables, jnp.zeros((28, 28, 1)), train=False)
-
-
-def test_per_run_conv_is_the_convolution_and_vmaps_to_each_runs_own():
-  """`per_run_conv` computes `lax.conv_general_dilated`, forward and backward; vmapped over
-  per-run kernels, each lane (and its gradients) is that run's plain convolution, written as
-  no grouped convolution at all."""
-  from arcjax import models  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 4)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)), jnp.float32)
-  options = dict(window_strides=(2, 2), padding=((1, 1), (1, 1)),
-                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  plain = lambda a, b: jax.lax.conv_general_dilated(a, b, **options)
-  ours = lambda a, b: models.per_run_conv(a, b, **options)
-  loss = lambda conv: lambda a, b: jnp.sum(jnp.sin(conv(a, b)))
-  for i in range(3):
-    np.testing.assert_array_equal(np.asarray(ours(x[i], w[i])), np.asarray(plain(x[i], w[i])))
-  vmapped = jax.jit(jax.vmap(jax.value_and_grad(loss(ours), argnums=(0, 1))))
-  value, (gx, gw) = vmapped(x, w)
-  for i in range(3):
-    want_value, (want_gx, want_gw) = jax.value_and_grad(loss(plain), argnums=(0, 1))(x[i], w[i])
-    np.testing.assert_allclose(float(value[i]), float(want_value), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(gx[i]), np.asarray(want_gx), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(gw[i]), np.asarray(want_gw), rtol=1e-5, atol=1e-5)
-  jaxpr = str(jax.make_jaxpr(jax.vmap(jax.grad(loss(ours), argnums=(0, 1))))(x, w))
-  assert "feature_group_count=3" not in jaxpr and "conv_general_dilated" in jaxpr
-  grouped = str(jax.make_jaxpr(jax.vmap(jax.grad(loss(plain), argnums=(0, 1))))(x, w))
-  assert "feature_group_count=3" in grouped  # what vmap of the plain convolution writes
-
-
-@pytest.mark.parametrize("name", ["tiny_cnn", "iresnet18", "mobilefacenet"])
-def test_per_run_convs_reach_every_convolution_of_the_backbone(name):
-  """vmapped over 2 runs' parameters, a backbone built with per_run_convs writes each of its
-  convolutions once per run as it does unvmapped (no run axis folded into the feature groups)."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from arcjax import models  # pylint: disable=import-outside-toplevel
-  config = ml_collections.ConfigDict(dict(name=name, embedding_dim=8, dropout=0.0,
-                                          dtype="float32"))
-  images = jnp.zeros((2, 32, 32, 3), jnp.float32)
-
-  def groups(model, runs):
-    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                               images)
-    apply = lambda v: model.apply(v, images, train=False)
-    if runs:
-      variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct((runs, *v.shape), v.dtype),
-                               variables)
-      apply = jax.vmap(apply)
-    jaxpr = str(jax.make_jaxpr(apply)(variables))
-    return sorted(map(int, re.findall(r"feature_group_count=(\d+)", jaxpr)))
-
-  alone = groups(models.make_model(config), 0)
-  # One plain convolution per run and layer.
-  assert alone and groups(models.make_model(config, per_run_convs=True), 2) == sorted(alone * 2)
-  assert groups(models.make_model(config), 2) != alone  # plain vmap groups the runs

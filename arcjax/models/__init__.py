@@ -71,65 +71,17 @@ def check_config(model_config) -> None:
     raise errors.ConfigError(f"config.model.input_std must be > 0, got {model_config.input_std!r}")
 
 
-def _looped_under_vmap(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-  """`fn`, whose vmap calls `fn` once per index of the mapped axis and stacks the results."""
-  looped = jax.custom_batching.custom_vmap(fn)
-
-  @looped.def_vmap
-  def _rule(axis_size, in_batched, *args):
-    args = [arg if batched else jnp.broadcast_to(arg, (axis_size, *arg.shape))
-            for arg, batched in zip(args, in_batched)]
-    outs = [looped(*(arg[i] for arg in args)) for i in range(axis_size)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs), jax.tree.map(lambda _: True, outs[0])
-
-  return looped
-
-
-def per_run_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
-                 rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                 batch_group_count: int = 1, precision=None,
-                 preferred_element_type=None) -> jax.Array:
-  """`lax.conv_general_dilated` (same arguments), whose vmap over per-run kernels runs one plain
-  convolution per run, forward and backward.
-
-  vmap of a convolution whose kernels differ along the mapped axis makes one grouped
-  convolution (feature_group_count × N), which XLA:CPU runs 4-5 times slower than the N
-  convolutions one after another (and an im2col batched matmul 10 times, a `lax.map` 30
-  times: `train.make_pack_step` says where this was measured). Not vmapped, it computes
-  what `lax.conv_general_dilated` does; its backward is that of autodiff, run per run.
-  """
-  plain = functools.partial(
-      jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-      precision=precision, preferred_element_type=preferred_element_type)
-  forward = _looped_under_vmap(plain)
-  # A convolution is bilinear: its VJP needs the operands only, not the output.
-  backward = _looped_under_vmap(lambda x, w, g: jax.vjp(plain, x, w)[1](g))
-
-  @jax.custom_vjp
-  def conv(x, w):
-    return forward(x, w)
-
-  conv.defvjp(lambda x, w: (forward(x, w), (x, w)), lambda operands, g: backward(*operands, g))
-  return conv(lhs, rhs)
-
-
-def make_model(model_config, *, bn_axis_name: str | None = None,
-               per_run_convs: bool = False) -> nn.Module:
+def make_model(model_config, *, bn_axis_name: str | None = None) -> nn.Module:
   """The backbone of `config.model`.
 
   `bn_axis_name`: pmap's device axis. BatchNorm then averages its batch
   statistics over every device (synchronised BN), so that the pmapped step
   computes what one device would on the global batch, as the 'mesh' mode does
-  by construction. `per_run_convs`: convolve with `per_run_conv` (a pack's step
-  vmapped over runs, on XLA:CPU).
+  by construction.
   """
-  options = {"bn_axis_name": bn_axis_name} if bn_axis_name else {}
-  if per_run_convs:
-    options["conv_general_dilated"] = per_run_conv
+  sync_bn = {"bn_axis_name": bn_axis_name} if bn_axis_name else {}
   return get_model(model_config.name, embedding_dim=model_config.embedding_dim,
-                   dropout=model_config.dropout, dtype=DTYPES[model_config.dtype], **options)
+                   dropout=model_config.dropout, dtype=DTYPES[model_config.dtype], **sync_bn)
 
 
 def normalization(model_config) -> tuple[float, float]:

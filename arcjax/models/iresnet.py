@@ -11,7 +11,7 @@ initialiser and the BatchNorm settings.
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -53,14 +53,12 @@ class _IBasicBlock(nn.Module):
   stride: int
   dtype: Any
   bn_axis_name: str | None = None
-  conv_general_dilated: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
                            axis_name=self.bn_axis_name)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
-                             conv_general_dilated=self.conv_general_dilated)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype)
     y = bn(name="bn1")(x)
     y = conv(self.features, (3, 3), padding=1, name="conv1")(y)
     y = bn(name="bn2")(y)
@@ -80,8 +78,7 @@ class IResNet(nn.Module):
   has 512·7·7 inputs; other sizes give other FC widths. `dtype` is the compute
   dtype (bfloat16 for mixed precision); parameters stay float32 and the last BN
   runs in float32. `bn_axis_name` (pmap's device axis) synchronises the batch
-  statistics of every BatchNorm over the devices. `conv_general_dilated`: the
-  convolution (None: `lax.conv_general_dilated`).
+  statistics of every BatchNorm over the devices.
   """
   stage_sizes: Sequence[int]
   embedding_dim: int = 512
@@ -89,7 +86,6 @@ class IResNet(nn.Module):
   dtype: Any = jnp.float32
   widths: Sequence[int] = (64, 128, 256, 512)
   bn_axis_name: str | None = None
-  conv_general_dilated: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -97,16 +93,13 @@ class IResNet(nn.Module):
     bn = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype,
                            axis_name=self.bn_axis_name)
     x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False, kernel_init=CONV_INIT,
-                dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
-                name="stem_conv")(images)
+                dtype=self.dtype, name="stem_conv")(images)
     x = bn(name="stem_bn")(x)
     x = PReLU(name="stem_prelu")(x)
     for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for block in range(num_blocks):
         x = _IBasicBlock(width, stride=2 if block == 0 else 1, dtype=self.dtype,
-                         bn_axis_name=self.bn_axis_name,
-                         conv_general_dilated=self.conv_general_dilated,
-                         name=f"stage{stage + 1}_block{block + 1}")(x, train)
+                         bn_axis_name=self.bn_axis_name, name=f"stage{stage + 1}_block{block + 1}")(x, train)
     x = bn(name="bn_out")(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)

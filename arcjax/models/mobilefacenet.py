@@ -8,7 +8,7 @@ pooling, and a linear FC-BN to the embedding (the paper's linear 1×1 conv to 12
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,13 +36,12 @@ class _ConvBN(nn.Module):
   groups: int = 1
   linear: bool = False
   bn_axis_name: str | None = None
-  conv_general_dilated: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=self.padding,
                 feature_group_count=self.groups, use_bias=False, kernel_init=CONV_INIT,
-                dtype=self.dtype, conv_general_dilated=self.conv_general_dilated, name="conv")(x)
+                dtype=self.dtype, name="conv")(x)
     x = BatchNorm(use_running_average=not train, dtype=self.dtype, axis_name=self.bn_axis_name,
                   name="bn")(x)
     return x if self.linear else PReLU(name="prelu")(x)
@@ -59,12 +58,10 @@ class _Bottleneck(nn.Module):
   stride: int
   dtype: Any
   bn_axis_name: str | None = None
-  conv_general_dilated: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    unit = functools.partial(_ConvBN, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                             conv_general_dilated=self.conv_general_dilated)
+    unit = functools.partial(_ConvBN, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
     y = unit(self.hidden, (1, 1), name="expand")(x, train)
     y = unit(self.hidden, (3, 3), stride=self.stride, padding=1, groups=self.hidden,
              name="depthwise")(y, train)
@@ -90,7 +87,6 @@ class MobileFaceNet(nn.Module):
   bottlenecks), of the first stage after its stride-2 block, and of the two stride-1
   stages. Its last BatchNorm has a learnt scale where this one has none (as IResNet's):
   `onnx_import` folds that scale into the FC, which computes the same.
-  `conv_general_dilated`: the convolution (None: `lax.conv_general_dilated`).
   """
   embedding_dim: int = 512
   dropout: float = 0.0
@@ -98,15 +94,12 @@ class MobileFaceNet(nn.Module):
   bn_axis_name: str | None = None
   scale: int = 1
   blocks: tuple[int, int, int, int] = (1, 4, 6, 2)
-  conv_general_dilated: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     check_images(images)
-    unit = functools.partial(_ConvBN, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                             conv_general_dilated=self.conv_general_dilated)
-    block = functools.partial(_Bottleneck, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                              conv_general_dilated=self.conv_general_dilated)
+    unit = functools.partial(_ConvBN, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+    block = functools.partial(_Bottleneck, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
     x = unit(64 * self.scale, (3, 3), stride=2, padding=1, name="stem")(images, train)
     if self.blocks[0] == 1:
       x = unit(64 * self.scale, (3, 3), padding=1, groups=64, name="stem_depthwise")(x, train)

@@ -8,7 +8,7 @@ whose max-pool gradient is slow: ~3400 images/s at 28×28 grey and ~160 at
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,14 +21,12 @@ class TinyCNN(nn.Module):
   """images (B, H, W, C) float, normalised → embeddings (B, embedding_dim) float32.
 
   `dtype` is the compute dtype; parameters and the last BN stay float32.
-  `conv_general_dilated`: the convolution (None: `lax.conv_general_dilated`).
   """
   embedding_dim: int = 512
   dropout: float = 0.0
   dtype: Any = jnp.float32
   widths: Sequence[int] = (16, 32, 64, 128)
   bn_axis_name: str | None = None
-  conv_general_dilated: Callable[..., jax.Array] | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -38,8 +36,7 @@ class TinyCNN(nn.Module):
     x = images
     for stage, width in enumerate(self.widths):
       x = nn.Conv(width, (3, 3), padding=1, use_bias=False, kernel_init=CONV_INIT,
-                  dtype=self.dtype, conv_general_dilated=self.conv_general_dilated,
-                  name=f"conv{stage + 1}")(x)
+                  dtype=self.dtype, name=f"conv{stage + 1}")(x)
       x = nn.relu(bn(name=f"bn{stage + 1}")(x))
       # SAME padding rounds odd sizes up (7 → 4), so 28×28 inputs survive every stage;
       # the padding is left out of the averages.
