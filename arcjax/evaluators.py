@@ -11,7 +11,7 @@
 An evaluator is called with a `ModelView`: the model as host arrays at a step.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -78,6 +78,18 @@ def pixel_baseline(eval_sets: dict) -> dict[str, dict[str, float]]:
   return results
 
 
+class Shared(NamedTuple):
+  """What the runs of one model and one data compute alike: the pixel baseline (`baseline`)
+  and the jitted `embed` (`inference.embedder`: compiled once per batch shape). A pack's
+  runs share one."""
+  baseline: dict[str, dict[str, float]]
+  embed: Callable[[Any, np.ndarray], Any]
+
+  @classmethod
+  def of(cls, config: Any, datasets) -> "Shared":
+    return cls(pixel_baseline(datasets.eval_sets), inference.embedder(config.model))
+
+
 class Verification:
   """insightface's verification of `eval_sets`, every `eval.every` steps and at the end.
 
@@ -85,10 +97,10 @@ class Verification:
   `python -m arcjax.evaluate` recomputes the same numbers exactly.
   """
 
-  def __init__(self, config: Any, eval_sets: dict):
+  def __init__(self, config: Any, eval_sets: dict, embed: Callable[[Any, np.ndarray], Any]):
     self.eval_sets = eval_sets
     self._every, self._flip = config.eval.every, config.eval.flip
-    self._embed = inference.embedder(config.model)
+    self._embed = embed
     self._batch = inference.batch_size_for(
         config.eval.batch_size, *(len(pair_set.images) for pair_set in eval_sets.values()))
 
@@ -116,7 +128,8 @@ class Angles:
   its centre in W-EC and W-Inter the dominant one (`angles.dominant_subcentres`).
   """
 
-  def __init__(self, config: Any, train_source, unseen, writer, directory, *, primary: bool):
+  def __init__(self, config: Any, train_source, unseen, writer, directory, *, primary: bool,
+               embed: Callable[[Any, np.ndarray], Any]):
     size = min(config.angles.probe_size, len(train_source))
     image_size = tuple(config.data.image_size) if config.data.image_size else None
     indices = np.sort(np.random.default_rng(config.seed).permutation(len(train_source))[:size])
@@ -126,7 +139,7 @@ class Angles:
     self._primary, self._trains_centres = primary, losses.trains_centres(config.loss)
     steps, every = config.train.steps, config.angles.every
     self._steps = {0, steps // 2, steps} | (set(range(every, steps, every)) if every else set())
-    self._embed = inference.embedder(config.model)
+    self._embed = embed
     self._batch = inference.batch_size_for(config.eval.batch_size, size,
                                            len(unseen[0]) if unseen else 0)
 
@@ -175,14 +188,17 @@ class Evaluators:
   `due(step, final)`, then `run(view, final)`: verification's row and table, and
   the θ records (at the end: the angle statistics' row). Each (step, metric)
   reaches metrics.jsonl once, also when a resumed run evaluates a step again.
-  `summary()`: what results.json holds of them.
+  `summary()`: what results.json holds of them. `shared`: `Shared.of(config, datasets)`,
+  or a pack's.
   """
 
-  def __init__(self, config: Any, datasets, writer, progress, directory, *, primary: bool):
-    self.baseline = pixel_baseline(datasets.eval_sets)
-    self._verification = Verification(config, datasets.eval_sets)
+  def __init__(self, config: Any, datasets, writer, progress, directory, *, primary: bool,
+               shared: Shared | None = None):
+    shared = shared or Shared.of(config, datasets)
+    self.baseline = shared.baseline
+    self._verification = Verification(config, datasets.eval_sets, shared.embed)
     self._angles = Angles(config, datasets.train, datasets.unseen, writer, directory,
-                          primary=primary)
+                          primary=primary, embed=shared.embed)
     self._writer, self._progress = writer, progress
     self.eval_results: dict[str, dict[str, float]] = {}
     self.angle_stats: dict[str, float | None] | None = None

@@ -129,9 +129,10 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
     for run, record in zip(runs, records):
       record(run.config, allow_changes=allow_config_change)
 
-    states = []
+    states, init_programs = [], {}
     for run in runs:
-      state, run.start, restored = train.start_state(run.config, run.directory, run.setup, primary)
+      state, run.start, restored = train.start_state(run.config, run.directory, run.setup, primary,
+                                                     init_programs)
       states.append(state)
       if primary and run.start < steps:
         train.record_segment(run.directory, run.start, [r.name for r in runs if r is not run])
@@ -161,10 +162,11 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
       run.writer.close()
       bar.write(f"[{run.name}] error: {errors.message_of(error) or error}")
 
+    shared = evaluators.Shared.of(runs[0].config, runs[0].setup.datasets)  # one model, one data
     for run, state in zip(runs, states):
       progress = _RunProgress(bar, run.name, first - run.start)
       run.evals = evaluators.Evaluators(run.config, run.setup.datasets, run.writer, progress,
-                                        run.directory, primary=primary)
+                                        run.directory, primary=primary, shared=shared)
       if run.start == 0:
         run.writer.write_images(0, {"train/images": run.setup.samples})
         run.evals.run(evaluators.ModelView.of(state, 0, num_classes, par.host))

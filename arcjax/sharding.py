@@ -215,10 +215,21 @@ class Parallelism:
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
         leaf.shape, leaf.dtype, sharding=sharding), tree, self.shardings(tree))
 
-  def init(self, init_fn: Callable[[jax.Array], Any], key: jax.Array) -> Any:
-    """`init_fn(key)` computed straight into the global layout (a sharded leaf never whole)."""
+  def init(self, init_fn: Callable[[jax.Array], Any], key: jax.Array,
+           programs: dict[str, Any] | None = None) -> Any:
+    """`init_fn(key)` computed straight into the global layout (a sharded leaf never whole).
+
+    `programs`: compiled inits by their program's text, shared by callers whose `init_fn`s
+    trace to the same program (a pack's runs: compiled once, not once a run).
+    """
     abstract = jax.eval_shape(init_fn, key)
-    return jax.jit(init_fn, out_shardings=self.shardings(abstract))(key)
+    lowered = jax.jit(init_fn, out_shardings=self.shardings(abstract)).lower(key)
+    if programs is None:
+      return lowered.compile()(key)
+    text = lowered.as_text()
+    if text not in programs:
+      programs[text] = lowered.compile()
+    return programs[text](key)
 
   def compile(self, step_fn: Callable[..., Any], state: Any, *,
               runs: bool = False) -> Callable[..., Any]:

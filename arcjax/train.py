@@ -679,11 +679,12 @@ def _check_shapes(config, directory, checkpoints: workdir.Checkpoints, step: int
       f"weights, train in a new workdir with --config.train.init_from={directory}")
 
 
-def start_state(config: ml_collections.ConfigDict, directory, setup: Setup,
-                primary: bool) -> tuple[TrainState, int, bool]:
+def start_state(config: ml_collections.ConfigDict, directory, setup: Setup, primary: bool,
+                init_programs: dict[str, Any] | None = None) -> tuple[TrainState, int, bool]:
   """The state a run starts from, its step, and whether it was restored from a checkpoint.
 
-  The newest intact checkpoint, else a new state of `config.seed`, started from
+  The newest intact checkpoint, else a new state of `config.seed` (its init compiled once
+  for all callers sharing `init_programs`: `Parallelism.init`), started from
   `setup.source` (config.train.init_from) where it has one: init_from.json is
   written and a line printed.
   """
@@ -691,7 +692,7 @@ def start_state(config: ml_collections.ConfigDict, directory, setup: Setup,
   restored = setup.checkpoints.restore_latest(
       setup.abstract, sharding.match_tree(setup.abstract, sharding.CLASS_ROWS))
   state, start = ((restored[0], restored[1]["step"]) if restored
-                  else (par.init(setup.init, jax.random.key(config.seed)), 0))
+                  else (par.init(setup.init, jax.random.key(config.seed), init_programs), 0))
   if setup.source is not None:
     state, record = start_from(setup.source, state, config, setup.datasets)
     if primary:

@@ -281,7 +281,7 @@ def test_the_angles_evaluator_records_feature_norms_and_subcentre_angles(tmp_pat
   directory = workdir.as_path(tmp_path)
   writer = arcjax_logging.MetricWriter(directory, config)
   evaluator = evaluators.Angles(config, datasets.train, datasets.unseen, writer, directory,
-                                primary=True)
+                                primary=True, embed=inference.embedder(config.model))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   evaluator(evaluators.ModelView(5, variables, centres))
   writer.close()

@@ -217,6 +217,19 @@ def test_resize_matches_pil_and_mismatched_sizes_need_image_size():
   assert load_images(two_sizes, np.arange(6), image_size=(12, 10)).shape == (6, 12, 10, 3)
 
 
+def test_a_source_resized_once_gives_the_batches_resized_batch_by_batch():
+  """`ArraySource.resized` (what `get_datasets` does to in-memory data) changes no batch."""
+  rng = np.random.default_rng(1)
+  source = ArraySource(rng.integers(0, 256, (40, 15, 13, 1), dtype=np.uint8), np.arange(40) % 4)
+  resized = source.resized((8, 7))
+  assert resized.images.shape == (40, 8, 7, 1) and source.resized((15, 13)) is source
+  each_batch = _take(batches(source, global_batch_size=8, seed=3, image_size=(8, 7)), 6)
+  once = _take(batches(resized, global_batch_size=8, seed=3, image_size=(8, 7)), 6)
+  for expected, got in zip(each_batch, once):
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    np.testing.assert_array_equal(got["label"], expected["label"])
+
+
 def test_load_images_gives_the_source_images_in_order():
   source = _indexed_source()
   indices = np.array([5, 99, 0, 5])

@@ -61,6 +61,20 @@ def test_init_computes_a_sharded_leaf_straight_into_its_shards():
                                 jax.random.normal(jax.random.key(0), (16, 4)))
 
 
+def test_inits_that_trace_to_one_program_compile_once_and_give_their_own_states():
+  par = sharding.parallelism_for(*_configs())
+  init = lambda shape: lambda key: {"w": jax.random.normal(key, shape), "b": jnp.zeros(3)}
+  programs = {}
+  states = [par.init(init((4, 2)), jax.random.key(seed), programs) for seed in (0, 1)]
+  assert len(programs) == 1
+  for seed, state in enumerate(states):
+    alone = par.init(init((4, 2)), jax.random.key(seed))
+    np.testing.assert_array_equal(par.host(state)["w"], par.host(alone)["w"])
+  assert not np.array_equal(par.host(states[0])["w"], par.host(states[1])["w"])
+  assert par.init(init((5, 2)), jax.random.key(0), programs)["w"].shape == (5, 2)
+  assert len(programs) == 2
+
+
 def test_put_batch_puts_rows_in_order():
   par = sharding.parallelism_for(*_configs())
   batch = {"image": np.arange(16 * 3).reshape(16, 3), "label": np.arange(16, dtype=np.int32)}

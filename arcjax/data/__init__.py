@@ -30,7 +30,7 @@ import numpy as np
 
 from arcjax import errors
 from arcjax import workdir
-from arcjax.data.sources import Source, Subset, open_set_split
+from arcjax.data.sources import ArraySource, Source, Subset, open_set_split
 
 DATA_NAMES = ("omniglot", "fashion_mnist", "digits", "folder", "recordio")
 DATA_ROOT_ENV = "ARCJAX_DATA"
@@ -204,6 +204,8 @@ def get_datasets(data_config: Any) -> Datasets:
     source, data_dir = _source(data_config)
     image_size = data_config.get("image_size")
     image_size = None if image_size is None else tuple(image_size)
+    if image_size is not None and isinstance(source, ArraySource):
+      source = source.resized(image_size)
     num_holdout = int(data_config.num_holdout_identities)
     num_identities = len(np.unique(source.labels))
     if num_identities - num_holdout < 2:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from arcjax.data.images import decode_image
+from arcjax.data.images import decode_image, resize_image
 
 
 class Source(Protocol):
@@ -65,6 +65,14 @@ class ArraySource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     return self.images[index], int(self.labels[index])
+
+  def resized(self, size: tuple[int, int]) -> "ArraySource":
+    """This source with every image resized to `size = (H, W)` (`resize_image`), once: the
+    images the pipeline would resize batch by batch, every epoch, for every run."""
+    if self.images.shape[1:3] == tuple(size):
+      return self
+    images = np.stack([resize_image(image, size) for image in self.images])
+    return ArraySource(images, self.labels, self.num_classes, self.identity_names)
 
 
 class Subset:
