@@ -78,9 +78,11 @@ class _RunProgress:
     self._bar.write(f"[{self._name}] {line}")
 
 
-def _run_state(states: Any, index: int) -> Any:
-  """Run `index`'s state out of the pack's stacked states (new arrays: the pack's are donated)."""
-  return jax.tree.map(lambda leaf: leaf[index], states)
+def _run_state(states: Any, index: int, abstract: Any) -> Any:
+  """Run `index`'s state out of the pack's stacked states, laid out as `abstract` (its solo
+  layout; new arrays: the pack's are donated)."""
+  return jax.device_put(jax.tree.map(lambda leaf: leaf[index], states),
+                        jax.tree.map(lambda leaf: leaf.sharding, abstract))
 
 
 def train_pack(configs: list[Any], workdirs: list[str], *,
@@ -182,8 +184,9 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
     # Update `tick` of the loop is update start + tick of each run; a run resumed at its end
     # is done already, and where every run is, nothing compiles.
     ticks = max((steps - run.start for run in runs if not run.done()), default=0)
-    states = train.stack_runs(states)
-    step_fn = train.make_pack_step(configs, par, num_classes, states) if ticks else None
+    pack_par = par.for_pack(len(runs))  # the runs over a mesh axis where the devices allow
+    states = jax.device_put(train.stack_runs(states), pack_par.run_shardings(states[0]))
+    step_fn = train.make_pack_step(configs, pack_par, num_classes, states) if ticks else None
     stop = errors.StopSignals() if jax.process_count() == 1 else contextlib.nullcontext()
     with stop:
       for tick in range(1, ticks + 1):
@@ -194,8 +197,9 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
         filler = jax.tree.map(np.zeros_like, next(iter(own.values())))  # a stopped run's lane
         batches = {key: np.stack([own.get(i, filler)[key] for i in range(len(runs))])
                    for key in ("image", "label")}
-        states, metrics = step_fn(states, par.put_batch(batches, runs=True), np.asarray(active))
-        rows = functools.cache(functools.partial(par.run_scalars, metrics))
+        states, metrics = step_fn(states, pack_par.put_batch(batches, runs=True),
+                                  np.asarray(active))
+        rows = functools.cache(functools.partial(pack_par.run_scalars, metrics))
         if tick == 1:  # the first step compiles: time from its end
           jax.block_until_ready(metrics)
         stopping = getattr(stop, "number", None) is not None
@@ -217,8 +221,9 @@ def train_pack(configs: list[Any], workdirs: list[str], *,
             continue
           step = run.start + tick
           evaluated |= run.evals.due(step) or step == steps
-          run.events.evaluate_and_save(step, functools.partial(_run_state, states, i),
-                                       stopping=stopping)
+          run.events.evaluate_and_save(
+              step, functools.partial(_run_state, states, i, run.setup.abstract),
+              stopping=stopping)
           if step == steps:
             finish(run)
         for run in runs if evaluated else ():

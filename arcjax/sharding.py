@@ -23,13 +23,16 @@ layout (`to_global`), which is what checkpoints store as it lies on the devices:
 no host copy, no gather of a sharded leaf.
 
 A pack of runs (`train.make_pack_step`) carries a leading run axis on its
-states and batches (`runs=True` below): each run's batch is split over `AXIS`
-as a solo run's is, the runs are not (yet) split over devices. `initialize_distributed` starts
-`jax.distributed` for a multi-host run.
+states and batches (`runs=True` below). `for_pack` lays that axis over a second
+mesh axis, `RUN_AXIS`, beside `AXIS` where the device count allows it (8 devices,
+4 runs: 4 × 2, each run's batch over its 2 devices); else every device holds
+every run, each run's batch split over all of them. `initialize_distributed`
+starts `jax.distributed` for a multi-host run.
 """
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from typing import Any, Callable, NamedTuple
@@ -42,6 +45,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from arcjax import errors
 
 AXIS = "batch"
+RUN_AXIS = "runs"  # a pack's runs (`Parallelism.for_pack`)
 MODES = ("mesh", "pmap", "none")
 # The state leaves that hold one row per class: the head's centres and the optimiser's
 # copies of them (momentum, Adam moments) all end in this key.
@@ -210,6 +214,26 @@ class Parallelism:
     return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec),
                         partition_specs(tree, self.rules))
 
+  def _run_axis(self) -> str | None:
+    return RUN_AXIS if RUN_AXIS in self.mesh.axis_names else None
+
+  def run_shardings(self, tree: Any) -> Any:
+    """NamedShardings of a pack's `tree`, each leaf with a leading run axis: that axis over
+    `RUN_AXIS` where the mesh has one, each run's part laid out as a solo run's leaf."""
+    return jax.tree.map(lambda spec: NamedSharding(self.mesh, P(self._run_axis(), *spec)),
+                        partition_specs(tree, self.rules))
+
+  def for_pack(self, count: int) -> "Parallelism":
+    """The layout of a pack of `count` runs: a mesh (RUN_AXIS r, AXIS devices / r) over the
+    same devices, r = gcd(count, devices), where r > 1 under 'mesh' on one process (a run
+    axis across hosts would need each host to feed other hosts' runs); else this one."""
+    r = math.gcd(count, self.num_devices)
+    if self.mode != "mesh" or r == 1 or jax.process_count() > 1:
+      return self
+    mesh = Mesh(self.mesh.devices.reshape(r, -1), (RUN_AXIS, AXIS),
+                axis_types=(AxisType.Auto, AxisType.Auto))
+    return Parallelism(self.mode, mesh, self.rules)
+
   def abstract(self, tree: Any) -> Any:
     """`tree`'s leaves as ShapeDtypeStructs carrying their global shardings."""
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
@@ -237,8 +261,9 @@ class Parallelism:
 
     Takes and returns the state in the step layout (`to_step`). With `runs` (a
     pack; 'mesh' or 'none' only): `step_fn(states, batches, hparams, active)`,
-    the states' leaves and the batches with a leading run axis, each run's batch
-    split over the devices; hparams, active and the metrics replicated.
+    the states' leaves and the batches with a leading run axis (over `RUN_AXIS` on a
+    `for_pack` mesh), each run's batch split over its devices; hparams, active and
+    the metrics replicated.
     """
     if self.mode == "pmap":
       if runs:
@@ -248,8 +273,8 @@ class Parallelism:
     if not runs:
       return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(self.mesh, P(AXIS))),
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
-    shardings = jax.tree.map(lambda leaf: NamedSharding(self.mesh, P(None, *leaf.spec)), shardings)
-    return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(self.mesh, P(None, AXIS)),
+    shardings, runs = self.run_shardings(state), self._run_axis()
+    return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(self.mesh, P(runs, AXIS)),
                                           replicated, replicated),
                    out_shardings=(shardings, replicated), donate_argnums=(0,))
 
@@ -289,7 +314,7 @@ class Parallelism:
     if self.mode == "pmap" and not runs:
       count = jax.local_device_count()
       return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
-    sharding = NamedSharding(self.mesh, P(None, AXIS) if runs else P(AXIS))
+    sharding = NamedSharding(self.mesh, P(self._run_axis(), AXIS) if runs else P(AXIS))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
   def scalars(self, metrics: dict[str, jax.Array]) -> dict[str, float]:

@@ -10,7 +10,9 @@ then runs `train.train_and_evaluate` on the default data, together, in
 OUT_DIR/run (pmap) and OUT_DIR/run_sharded (checkpoints written by both), with
 any gather of a sharded array inside a checkpoint save or restore made an
 error, and restores the sharded run's last checkpoint once more to report how
-many centre rows this process holds. Its last line is that report, as JSON.
+many centre rows this process holds. With one process or two, it then trains a
+pack of two runs ('mesh', seeds 0 and 1) in OUT_DIR/pack0 and OUT_DIR/pack1. Its
+last line is that report, as JSON.
 """
 
 import contextlib
@@ -148,6 +150,12 @@ def main(process_id: int, num_processes: int, port: int, devices: int, out: str)
     with _no_gather_inside_checkpoints():
       train.train_and_evaluate(sharded, str(out_dir / "run_sharded"))
     report = _restored_rows_here(out_dir / "run_sharded", sharded)
+  from arcjax import pack  # pylint: disable=import-outside-toplevel
+  configs = [_config(), _config()]
+  for seed, config in enumerate(configs):
+    config.seed = seed
+    config.train.update(parallel="mesh", lr=0.01)  # small steps: rounding stays its own size
+  pack.train_pack(configs, [str(out_dir / f"pack{seed}") for seed in (0, 1)])
   print(f"process {process_id} done", flush=True)
   print(json.dumps(report), flush=True)
 

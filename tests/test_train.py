@@ -283,10 +283,13 @@ def _relative(got, want) -> float:
 
 
 @pytest.mark.slow
-def test_a_pack_steps_each_run_as_its_solo_step():
+@pytest.mark.parametrize("run_axis", [False, True])
+def test_a_pack_steps_each_run_as_its_solo_step(run_axis):
   """Five steps of a pack of four runs on Omniglot, each run's batches its own stream: from the
   same state, each run's update in the pack is its solo step's (every leaf, every metric); a
-  run that is not active keeps its state bit for bit.
+  run that is not active keeps its state bit for bit. `run_axis`: the runs laid over a mesh
+  axis of their own (`Parallelism.for_pack`: 4 × 2 of the 8 devices), each run's batch over
+  its 2 devices where its solo step splits it over 8.
 
   Compared step by step (the solo step applied to the pack's state), not as two free
   trajectories: the first steps of this setting amplify a float rounding about tenfold per
@@ -312,8 +315,11 @@ def test_a_pack_steps_each_run_as_its_solo_step():
       return [next(batches) for _ in range(5)]
 
   streams = [stream(config) for config in configs]
-  states = train.stack_runs([init(config) for config in configs])
-  pack = train.make_pack_step(configs, par, datasets.num_classes, states)
+  pack_par = par.for_pack(len(configs)) if run_axis else par
+  assert (sharding.RUN_AXIS in pack_par.mesh.axis_names) == (run_axis and jax.device_count() > 1)
+  states = [init(config) for config in configs]
+  states = jax.device_put(train.stack_runs(states), pack_par.run_shardings(states[0]))
+  pack = train.make_pack_step(configs, pack_par, datasets.num_classes, states)
   solos = [train.make_train_step(config, par, datasets.num_classes, init(config))
            for config in configs]
   worst = 0.0
@@ -321,8 +327,8 @@ def test_a_pack_steps_each_run_as_its_solo_step():
     before = train.unstack_runs(par.host(states))
     batch = {key: np.stack([s[step][key] for s in streams]) for key in ("image", "label")}
     active = np.asarray([True, step != 2, True, True])
-    states, metrics = pack(states, par.put_batch(batch, runs=True), active)
-    after, rows = train.unstack_runs(par.host(states)), par.run_scalars(metrics)
+    states, metrics = pack(states, pack_par.put_batch(batch, runs=True), active)
+    after, rows = train.unstack_runs(pack_par.host(states)), pack_par.run_scalars(metrics)
     for i, config in enumerate(configs):
       if not active[i]:  # stopped, or ahead of the others: untouched
         jax.tree.map(np.testing.assert_array_equal, after[i], before[i])
