@@ -194,7 +194,7 @@ class Evaluators:
 
   def __init__(self, config: Any, datasets, writer, progress, directory, *, primary: bool,
                shared: Shared | None = None):
-    shared = shared or Shared.of(config, datasets)
+    shared = Shared.of(config, datasets) if shared is None else shared
     self.baseline = shared.baseline
     self._verification = Verification(config, datasets.eval_sets, shared.embed)
     self._angles = Angles(config, datasets.train, datasets.unseen, writer, directory,

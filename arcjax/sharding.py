@@ -269,14 +269,11 @@ class Parallelism:
       if runs:
         raise errors.ConfigError("a pack of runs trains under train.parallel='mesh' or 'none'")
       return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
-    shardings, replicated = self.shardings(state), NamedSharding(self.mesh, P())
-    if not runs:
-      return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(self.mesh, P(AXIS))),
-                     out_shardings=(shardings, replicated), donate_argnums=(0,))
-    shardings, runs = self.run_shardings(state), self._run_axis()
-    return jax.jit(step_fn, in_shardings=(shardings, NamedSharding(self.mesh, P(runs, AXIS)),
-                                          replicated, replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+    shardings = self.run_shardings(state) if runs else self.shardings(state)
+    replicated = NamedSharding(self.mesh, P())
+    arguments = (shardings, self._batch_sharding(runs)) + ((replicated, replicated) if runs else ())
+    return jax.jit(step_fn, in_shardings=arguments, out_shardings=(shardings, replicated),
+                   donate_argnums=(0,))
 
   def _local_mesh(self) -> Mesh:
     return Mesh(np.asarray(jax.local_devices()), (AXIS,))
@@ -314,8 +311,12 @@ class Parallelism:
     if self.mode == "pmap" and not runs:
       count = jax.local_device_count()
       return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
-    sharding = NamedSharding(self.mesh, P(self._run_axis(), AXIS) if runs else P(AXIS))
+    sharding = self._batch_sharding(runs)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+  def _batch_sharding(self, runs: bool) -> NamedSharding:
+    """A batch split over `AXIS`; a pack's (`runs`) with its run axis first."""
+    return NamedSharding(self.mesh, P(self._run_axis(), AXIS) if runs else P(AXIS))
 
   def scalars(self, metrics: dict[str, jax.Array]) -> dict[str, float]:
     """A step's metrics as Python floats (the same on every device: read where they lie)."""
